@@ -1,0 +1,369 @@
+"""The HTTP application: OpenAI-compatible routes, health, metrics, admin.
+
+``create_app(config)`` builds a Starlette app whose lifespan loads the signed
+policy (refusing to start without a valid one) and closes everything on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .errors import (
+    AuthenticationFailed,
+    GatewayError,
+    NotFound,
+    PermissionDenied,
+)
+from .gateway import Gateway, GatewayConfig
+from .http import ClientClosed, SSEResponse, error_response, json_response, read_json, request_id
+from .plugins import installed_plugins
+from .runtime import Runtime
+from .validation import validate_chat, validate_embeddings
+
+__all__ = ["create_app"]
+
+log = structlog.get_logger("veil.app")
+
+_UNAVAILABLE = GatewayError(
+    "The gateway is not ready: no policy is in force.", status=503, code="not_ready"
+)
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+def _internal(rid: str, exc: BaseException) -> Response:
+    log.exception("internal_error", request_id=rid, error=type(exc).__name__)
+    return error_response(
+        GatewayError(f"The gateway failed to handle the request; request id {rid}."), rid
+    )
+
+
+async def _serve(request: Request, kind: str) -> Response | SSEResponse:
+    gw = _gateway(request)
+    rid = request_id(request.headers)
+    rt = gw.runtime
+    if rt is None:
+        return error_response(_UNAVAILABLE, rid)
+    t0 = time.perf_counter()
+    rt.acquire()
+    call = None
+    status = 500
+    handed_off = False
+    try:
+        principal = rt.authenticate(request.headers)
+        body = await read_json(request, rt.max_body)
+        if kind == "chat":
+            validate_chat(body)
+        else:
+            validate_embeddings(body)
+        call = rt.new_call(rid, kind, body, principal, request.headers)  # type: ignore[arg-type]
+        if call.stream:
+            chunks = await rt.open_stream(call)
+            response = SSEResponse(
+                chunks,
+                _headers(call),
+                lambda: rt.finish_stream(call),  # type: ignore[arg-type]
+                lambda outcome: _stream_ended(rt, call, outcome, t0),  # type: ignore[arg-type]
+            )
+            handed_off = True
+            return response
+        answer = await rt.complete(call)
+        status = 200
+        return json_response(answer, 200, _headers(call))
+    except GatewayError as e:
+        status = e.status
+        return error_response(e, rid)
+    except Exception as e:
+        if call is not None:
+            await rt.fail(call, GatewayError("internal error"))
+        return _internal(rid, e)
+    finally:
+        if not handed_off:
+            rt.release()
+            dep = call.deployment.name if call is not None and call.deployment else ""
+            total = time.perf_counter() - t0
+            rt.metrics.observe(kind, dep, status, total, call.upstream_seconds if call else 0.0)
+
+
+def _headers(call: Any) -> dict[str, str]:
+    headers = {"x-request-id": call.id}
+    if call.deployment is not None:
+        headers["x-veil-model"] = call.deployment.name
+    if call.route is not None and call.route.reason != "policy":
+        headers["x-veil-route"] = call.route.reason
+    if call.response_headers:
+        headers.update(call.response_headers)
+    return headers
+
+
+async def _stream_ended(rt: Runtime, call: Any, outcome: GatewayError | None, t0: float) -> None:
+    try:
+        if outcome is not None:
+            await rt.fail(call, outcome)
+    finally:
+        rt.release()
+        status = 200 if outcome is None else outcome.status
+        dep = call.deployment.name if call.deployment else ""
+        rt.metrics.observe("chat", dep, status, time.perf_counter() - t0, call.upstream_seconds)
+        if isinstance(outcome, ClientClosed):
+            log.info("client_disconnected", request_id=call.id)
+
+
+async def chat_completions(request: Request) -> Response | SSEResponse:
+    return await _serve(request, "chat")
+
+
+async def embeddings(request: Request) -> Response | SSEResponse:
+    return await _serve(request, "embeddings")
+
+
+def _model_entry(name: str, deps: list[Any], created: int) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": str(deps[0].extra.get("owned_by") or deps[0].provider),
+    }
+
+
+async def list_models(request: Request) -> Response:
+    rid = request_id(request.headers)
+    rt = _gateway(request).runtime
+    if rt is None:
+        return error_response(_UNAVAILABLE, rid)
+    try:
+        principal = rt.authenticate(request.headers)
+    except GatewayError as e:
+        return error_response(e, rid)
+    created = int(rt.policy.issued_at.timestamp())
+    data = [
+        _model_entry(name, allowed, created)
+        for name, deps in rt.policy.models.items()
+        if (allowed := [d for d in deps if d.allows(principal.team)])
+    ]
+    return json_response({"object": "list", "data": data}, headers={"x-request-id": rid})
+
+
+async def get_model(request: Request) -> Response:
+    rid = request_id(request.headers)
+    rt = _gateway(request).runtime
+    if rt is None:
+        return error_response(_UNAVAILABLE, rid)
+    try:
+        principal = rt.authenticate(request.headers)
+        name = request.path_params["model"]
+        allowed = [d for d in rt.policy.models.get(name, []) if d.allows(principal.team)]
+        if not allowed:
+            raise NotFound(
+                f"The model '{name}' does not exist or you do not have access to it.",
+                code="model_not_found",
+                param="model",
+            )
+    except GatewayError as e:
+        return error_response(e, rid)
+    created = int(rt.policy.issued_at.timestamp())
+    return json_response(_model_entry(name, allowed, created), headers={"x-request-id": rid})
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    rt = _gateway(request).runtime
+    if rt is None or not rt.started:
+        return json_response({"status": "not ready", "reason": "no policy in force"}, 503)
+    if time.time() >= rt.expires_ts:
+        return json_response({"status": "not ready", "reason": "policy expired"}, 503)
+    return json_response(
+        {"status": "ready", "policy_version": rt.policy.version, "plugins": list(rt.policy.plugins)}
+    )
+
+
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(_gateway(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _admin(rt: Runtime, request: Request) -> None:
+    principal = rt.authenticate(request.headers)
+    if not principal.admin:
+        raise PermissionDenied("This route needs an admin key (`veil key new --admin`).")
+    request.state.principal = principal
+
+
+def plugin_report(rt: Runtime | None) -> list[dict[str, Any]]:
+    """Installed plugins (from metadata) and which the policy activates."""
+    active = set(rt.policy.plugins) if rt else set()
+    versions = rt.host.versions if rt else {}
+    seen = set()
+    out = []
+    for p in installed_plugins():
+        seen.add(p.name)
+        out.append(
+            {
+                "name": p.name,
+                "distribution": p.distribution,
+                "version": versions.get(p.name) or p.version,
+                "active": p.name in active,
+                "position": rt.policy.gateway.pipeline.index(p.name)
+                if rt and p.name in rt.policy.gateway.pipeline
+                else None,
+            }
+        )
+    for name in sorted(active - seen):
+        out.append(
+            {
+                "name": name,
+                "distribution": None,
+                "version": versions.get(name),
+                "active": True,
+                "position": rt.policy.gateway.pipeline.index(name)
+                if rt and name in rt.policy.gateway.pipeline
+                else None,
+            }
+        )
+    return out
+
+
+async def admin_plugins(request: Request) -> Response:
+    rid = request_id(request.headers)
+    rt = _gateway(request).runtime
+    if rt is None:
+        return error_response(_UNAVAILABLE, rid)
+    try:
+        _admin(rt, request)
+    except GatewayError as e:
+        return error_response(e, rid)
+    return json_response(
+        {"object": "list", "data": plugin_report(rt)}, headers={"x-request-id": rid}
+    )
+
+
+async def admin_policy(request: Request) -> Response:
+    rid = request_id(request.headers)
+    rt = _gateway(request).runtime
+    if rt is None:
+        return error_response(_UNAVAILABLE, rid)
+    try:
+        _admin(rt, request)
+    except GatewayError as e:
+        return error_response(e, rid)
+    p = rt.policy
+    return json_response(
+        {
+            "version": p.version,
+            "issuer": p.issuer,
+            "audience": p.audience,
+            "issued_at": p.issued_at.isoformat(),
+            "expires_at": p.expires_at.isoformat(),
+            "sha256": p.digest,
+            "pipeline": list(p.gateway.pipeline),
+            "plugins": list(p.plugins),
+        },
+        headers={"x-request-id": rid},
+    )
+
+
+async def plugin_routes(request: Request) -> Response:
+    """Dispatch to routes plugins registered; OpenAI-shaped 404/405 otherwise."""
+    rid = request_id(request.headers)
+    rt = _gateway(request).runtime
+    found = rt.match_route(request.url.path) if rt is not None else None
+    try:
+        if found is None and request.url.path in _CORE_PATHS:
+            raise GatewayError(
+                f"Method {request.method} is not allowed on {request.url.path}.",
+                status=405,
+                type="invalid_request_error",
+                code="method_not_allowed",
+            )
+        if found is None:
+            raise NotFound(
+                f"Unknown route {request.method} {request.url.path}.", code="unknown_url"
+            )
+        spec, params = found
+        if request.method not in spec.methods and not (
+            request.method == "HEAD" and "GET" in spec.methods
+        ):
+            raise GatewayError(
+                f"Method {request.method} is not allowed on {request.url.path}.",
+                status=405,
+                type="invalid_request_error",
+                code="method_not_allowed",
+            )
+        assert rt is not None
+        if spec.admin:
+            _admin(rt, request)
+        else:
+            try:
+                request.state.principal = rt.authenticate(request.headers)
+            except AuthenticationFailed:
+                request.state.principal = None
+        request.scope["path_params"] = params
+        request.state.runtime = rt
+        response: Response = await spec.endpoint(request)
+        return response
+    except GatewayError as e:
+        return error_response(e, rid)
+    except Exception as e:
+        return _internal(rid, e)
+
+
+_CORE_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/embeddings", "/v1/models", "/healthz", "/readyz", "/metrics"}
+)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return _internal(request_id(request.headers), exc)
+
+
+def create_app(config: GatewayConfig) -> Starlette:
+    """The gateway as an ASGI app. Its lifespan verifies and loads the policy
+    (start-up fails if the policy is refused) and closes everything on exit."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gateway = Gateway(config)
+        app.state.gateway = gateway
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    all_methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/-/plugins", admin_plugins, methods=["GET"]),
+        Route("/-/policy", admin_policy, methods=["GET"]),
+        Route("/{path:path}", plugin_routes, methods=all_methods),
+    ]
+    return Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={Exception: _server_error}
+    )
+
+
+def app_from_env() -> Starlette:
+    """App factory for ``uvicorn --factory`` and multi-worker serving: the
+    configuration comes from ``VEIL_*`` environment variables."""
+    return create_app(GatewayConfig.from_env())

@@ -1,0 +1,147 @@
+"""Running the policy-ordered stages of a call.
+
+Requests pass the stages in policy order, responses (and stream wrappers) in
+reverse order. Each stage call is bounded by the stage's timeout. A stage that
+raises a :class:`GatewayError` refuses the call with that error; anything else
+(a bug, a timeout) fails the call closed with a 500/503 naming the stage in
+the audit trail, unless the policy set ``fail = "open"`` for it, in which case
+the failure is logged, recorded on the call, and the stage is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import structlog
+
+from .errors import GatewayError, StageFailed
+from .registry import StageSpec
+from .types import Call, Chunk
+
+__all__ = ["Pipeline"]
+
+log = structlog.get_logger("veil.pipeline")
+
+
+class Pipeline:
+    """The stages of one policy, split by method, in the order each runs."""
+
+    __slots__ = ("error", "request", "response", "stages", "stream")
+
+    def __init__(self, stages: Sequence[StageSpec]) -> None:
+        self.stages = tuple(stages)
+        self.request = tuple(s for s in stages if s.method("on_request"))
+        self.response = tuple(s for s in reversed(stages) if s.method("on_response"))
+        self.stream = tuple(s for s in reversed(stages) if s.method("wrap_stream"))
+        self.error = tuple(s for s in reversed(stages) if s.method("on_error"))
+
+    def _failed(self, call: Call, spec: StageSpec, hook: str, exc: BaseException) -> None:
+        """Handle a non-GatewayError failure: raise (closed) or record (open)."""
+        timed_out = isinstance(exc, TimeoutError)
+        log.error(
+            "stage_failed",
+            request_id=call.id,
+            plugin=spec.plugin,
+            stage=spec.name,
+            hook=hook,
+            error=type(exc).__name__,
+            timed_out=timed_out,
+            fail_open=spec.fail_open,
+        )
+        call.decide(spec.name, "failed", hook=hook, error=type(exc).__name__, timed_out=timed_out)
+        if spec.fail_open:
+            return
+        if timed_out:
+            raise StageFailed(
+                f"the {spec.name} stage did not finish in time and the policy fails it "
+                f"closed; request id {call.id}",
+                stage=spec.name,
+                status=503,
+                type="server_error",
+                code="stage_timeout",
+            ) from None
+        raise StageFailed(
+            f"the {spec.name} stage failed and the policy fails it closed; the request was "
+            f"not forwarded. Request id {call.id}",
+            stage=spec.name,
+        ) from exc
+
+    async def run_request(self, call: Call) -> None:
+        """``on_request`` in policy order; stops early once a stage answered."""
+        for spec in self.request:
+            try:
+                async with asyncio.timeout(spec.timeout):
+                    await spec.stage.on_request(call)
+            except GatewayError:
+                raise
+            except Exception as e:
+                self._failed(call, spec, "on_request", e)
+            if call.response is not None:
+                call.answered_by = call.answered_by or spec.name
+                return
+
+    async def run_response(self, call: Call) -> None:
+        """``on_response`` in reverse policy order."""
+        for spec in self.response:
+            try:
+                async with asyncio.timeout(spec.timeout):
+                    await spec.stage.on_response(call)
+            except GatewayError:
+                raise
+            except Exception as e:
+                self._failed(call, spec, "on_response", e)
+
+    async def run_error(self, call: Call, error: GatewayError) -> None:
+        """``on_error`` for every stage, in reverse order; never raises."""
+        for spec in self.error:
+            try:
+                async with asyncio.timeout(spec.timeout):
+                    await spec.stage.on_error(call, error)
+            except Exception as e:
+                log.error(
+                    "stage_on_error_failed",
+                    request_id=call.id,
+                    plugin=spec.plugin,
+                    stage=spec.name,
+                    error=type(e).__name__,
+                )
+
+    def wrap_stream(self, call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        """Wrap ``chunks`` with each stage's ``wrap_stream``, innermost being
+        the last stage in policy order."""
+        for spec in self.stream:
+            chunks = _guarded(call, spec, spec.stage.wrap_stream(call, chunks))
+        return chunks
+
+
+async def _guarded(
+    call: Call, spec: StageSpec, chunks: AsyncIterator[Chunk]
+) -> AsyncIterator[Chunk]:
+    """Turn a stream wrapper's unexpected failure into a ``StageFailed``.
+
+    A stream cannot skip a broken wrapper half-way, so wrappers always fail
+    closed: the stream ends with an error event."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except GatewayError:
+        raise
+    except Exception as e:
+        log.error(
+            "stage_failed",
+            request_id=call.id,
+            plugin=spec.plugin,
+            stage=spec.name,
+            hook="wrap_stream",
+            error=type(e).__name__,
+        )
+        call.decide(spec.name, "failed", hook="wrap_stream", error=type(e).__name__)
+        raise StageFailed(
+            f"the {spec.name} stage failed while streaming; request id {call.id}",
+            stage=spec.name,
+        ) from e
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -1,0 +1,200 @@
+"""Shared vocabulary of the core and its plugins.
+
+A request becomes a :class:`Call`; authentication gives its
+:class:`Principal`; routing gives its :class:`RouteDecision` of
+:class:`Deployment` objects; the upstream reports :class:`Usage`. Stream
+chunks are plain dicts (:data:`Chunk`) in OpenAI's
+``chat.completion.chunk`` shape.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .errors import GatewayError
+    from .policy.model import Policy
+
+__all__ = [
+    "Call",
+    "CallKind",
+    "Chunk",
+    "Decision",
+    "Deployment",
+    "Principal",
+    "RouteDecision",
+    "Stage",
+    "Usage",
+]
+
+Chunk = dict[str, Any]
+"""One parsed ``chat.completion.chunk`` object of a stream."""
+
+CallKind = Literal["chat", "embeddings"]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the API key's id, its team, its tags, and whether it is
+    an admin key. ``user`` is the request's ``user`` field when given."""
+
+    key_id: str
+    team: str
+    tags: frozenset[str] = frozenset()
+    admin: bool = False
+    user: str | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Deployment:
+    """A concrete model behind a provider, as the policy declares it.
+
+    ``name`` is what clients ask for; ``model`` is the upstream's own id.
+    Prices are USD per million tokens. ``teams`` is ``None`` when every team
+    may use it.
+    """
+
+    name: str
+    provider: str
+    model: str
+    api_base: str | None = None
+    api_key_env: str | None = None
+    input_per_mtok: float = 0.0
+    output_per_mtok: float = 0.0
+    cached_input_per_mtok: float | None = None
+    context_window: int | None = None
+    teams: frozenset[str] | None = None
+    timeout_s: float = 600.0
+    connect_timeout_s: float = 5.0
+    max_retries: int = 2
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def allows(self, team: str) -> bool:
+        """True when ``team`` may use this deployment."""
+        return self.teams is None or team in self.teams
+
+    def cost(self, usage: Usage) -> float:
+        """The USD cost of ``usage`` at this deployment's prices."""
+        cached = usage.cached_tokens
+        cached_price = (
+            self.cached_input_per_mtok
+            if self.cached_input_per_mtok is not None
+            else self.input_per_mtok
+        )
+        return (
+            (usage.prompt_tokens - cached) * self.input_per_mtok
+            + cached * cached_price
+            + usage.completion_tokens * self.output_per_mtok
+        ) / 1_000_000
+
+
+@dataclass(slots=True)
+class RouteDecision:
+    """Where a call goes: deployments to try in order (failover), an optional
+    cap on output tokens, and a short reason reported in ``x-veil-route``."""
+
+    deployments: list[Deployment]
+    max_output_tokens: int | None = None
+    reason: str = "policy"
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts the upstream reported (or a stage estimated)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+
+    @classmethod
+    def from_openai(cls, usage: Mapping[str, Any] | None) -> Usage | None:
+        """Build from an OpenAI ``usage`` object; ``None`` if absent or malformed."""
+        if not isinstance(usage, Mapping):
+            return None
+        try:
+            prompt = int(usage.get("prompt_tokens") or 0)
+            completion = int(usage.get("completion_tokens") or 0)
+            total = int(usage.get("total_tokens") or prompt + completion)
+            details = usage.get("prompt_tokens_details")
+            cached = int(details.get("cached_tokens") or 0) if isinstance(details, Mapping) else 0
+        except (TypeError, ValueError):
+            return None
+        return cls(prompt, completion, total, cached)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Something a stage decided about a call, recorded for audit.
+
+    ``detail`` holds ids, counts and types only, never request text."""
+
+    stage: str
+    action: str
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    """One request travelling through the gateway.
+
+    Stages read and may change ``request`` (the parsed JSON body) in
+    ``on_request``; a stage may answer the call itself by setting ``response``
+    (a complete OpenAI response body; for a streaming call the core turns it
+    into chunks). ``route`` is preset from the policy's deployments when the
+    requested model names one, and a routing stage may replace it.
+    ``scratch`` is a per-stage space: use ``call.scratch[stage_name]``.
+    """
+
+    id: str
+    kind: CallKind
+    request: dict[str, Any]
+    principal: Principal
+    policy: Policy
+    headers: Mapping[str, str]
+    stream: bool = False
+    route: RouteDecision | None = None
+    deployment: Deployment | None = None
+    response: dict[str, Any] | None = None
+    usage: Usage | None = None
+    answered_by: str | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+    scratch: dict[str, Any] = field(default_factory=dict)
+    decisions: list[Decision] = field(default_factory=list)
+    error: GatewayError | None = None
+    started_at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)
+    upstream_seconds: float = 0.0
+    attempts: int = 0
+
+    def decide(self, stage: str, action: str, **detail: Any) -> None:
+        """Record a decision for audit (ids, counts and types only)."""
+        self.decisions.append(Decision(stage, action, detail))
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """A step of the request path. Every method is optional: implement the
+    ones you need. ``name`` is the plugin's name as the policy lists it.
+
+    - ``async on_request(call)``: in policy order, before the upstream; may
+      rewrite ``call.request``, refuse (raise a ``GatewayError``), answer
+      (set ``call.response``) or annotate.
+    - ``async on_response(call)``: in reverse order, after the upstream
+      answered (for streams: after the last chunk); ``call.response`` holds
+      the body of a non-streaming call, ``call.usage`` the usage.
+    - ``wrap_stream(call, chunks) -> AsyncIterator[Chunk]``: in reverse
+      order, wraps the async iterator of chunks of a streaming call.
+    - ``async on_error(call, error)``: for every failure once the call
+      exists, in reverse order, for every stage, whether or not its
+      ``on_request`` ran: release what you hold, write what you must.
+    """
+
+    name: str
+
+
+class StreamWrapper(Protocol):
+    def __call__(self, call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]: ...
