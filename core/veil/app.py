@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import traceback
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -43,7 +44,11 @@ def _gateway(request: Request) -> Gateway:
 
 
 def _internal(rid: str, exc: BaseException) -> Response:
-    log.exception("internal_error", request_id=rid, error=type(exc).__name__)
+    # the exception's message and traceback text may quote request data: log
+    # only its type and where it was raised
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
+    log.error("internal_error", request_id=rid, error=type(exc).__name__, where=where)
     return error_response(
         GatewayError(f"The gateway failed to handle the request; request id {rid}."), rid
     )

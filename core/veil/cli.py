@@ -257,7 +257,11 @@ def key_new(team: str, key_id_: str | None, admin: bool, as_json: bool) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 def plugins_cmd(policy_file: Path | None, as_json: bool) -> None:
-    """List installed plugins (entry-point group `veil`) without importing them."""
+    """List installed plugins (entry-point group `veil`) without importing them.
+
+    With --policy, mark which the policy activates; exits 4 when the policy
+    names a plugin that is not installed.
+    """
     from .plugins import installed_plugins
     from .policy import parse_policy
 
@@ -283,7 +287,7 @@ def plugins_cmd(policy_file: Path | None, as_json: bool) -> None:
     missing = [n for n in active if n not in installed]
     if as_json:
         click.echo(orjson.dumps({"plugins": rows, "missing": missing}, option=orjson.OPT_INDENT_2))
-        return
+        sys.exit(EXIT_PLUGIN if missing else 0)
     if not rows:
         click.echo("no plugins installed (entry-point group 'veil')")
     for r in rows:
