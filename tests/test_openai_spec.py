@@ -6,8 +6,8 @@ from __future__ import annotations
 import httpx
 import orjson
 import pytest
-
 from openai_schema import validate
+
 from veil.testing import ADMIN_KEY, TEST_KEY, ServerThread
 
 AUTH = {"authorization": f"Bearer {TEST_KEY}"}
