@@ -295,3 +295,52 @@ def test_startup_and_shutdown_hooks_are_awaited(policy_kit: PolicyKit, start_gat
     assert r.json() == {"who": "test"}
     gw.stop()
     assert events == ["start:1", "stop"]
+
+
+def test_plugin_providers_serve_deployments(policy_kit: PolicyKit, start_gateway) -> None:  # noqa: ANN001
+    """A plugin registers a provider; a deployment names it. Its chat_stream
+    may be a plain async generator."""
+    from veil.mock import MockModel
+
+    model = MockModel(created=1)
+
+    class Shouting:
+        async def chat(self, call: Call, deployment: Any, body: dict) -> dict:
+            answer = model.chat(body)
+            answer["choices"][0]["message"]["content"] = "LOUD"
+            return answer
+
+        async def chat_stream(
+            self, call: Call, deployment: Any, body: dict
+        ) -> AsyncIterator[Chunk]:
+            for chunk in model.chat_chunks(body):
+                yield chunk
+
+        async def embeddings(self, call: Call, deployment: Any, body: dict) -> dict:
+            return model.embeddings(body)
+
+        async def aclose(self) -> None:
+            pass
+
+    class Impl:
+        @hookimpl
+        def veil_register_providers(self, register: Any) -> None:
+            register("shouting", Shouting)
+
+    deployments = [{"name": "loud", "provider": "shouting", "model": "loud-1"}]
+    path = policy_kit.write(policy_toml(plugins={"shout": {}}, deployments=deployments))
+    gw = start_gateway(path, {"shout": Impl()})
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key=TEST_KEY, max_retries=0) as c:
+        assert (
+            c.chat.completions.create(model="loud", messages=MSG).choices[0].message.content
+            == "LOUD"
+        )
+        chunks = list(c.chat.completions.create(model="loud", messages=MSG, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_unknown_provider_is_refused_at_load() -> None:
+    deployments = [{"name": "x", "provider": "nowhere", "model": "x"}]
+    p = parse_policy(policy_toml(deployments=deployments).encode())
+    with pytest.raises(PolicyError, match="provider 'nowhere', which no loaded plugin provides"):
+        Runtime.build(p, Metrics())

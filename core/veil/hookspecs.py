@@ -63,8 +63,10 @@ def veil_register_providers(register: ProviderRegistrar) -> None:
 
     :param register: call ``register(name, factory)``; ``factory()`` returns
         an object with ``async chat(call, deployment, body) -> dict``,
-        ``chat_stream(call, deployment, body) -> AsyncIterator[Chunk]``
-        (an async generator), ``async embeddings(call, deployment, body)
+        ``async chat_stream(call, deployment, body) -> AsyncIterator[Chunk]``
+        (returns the chunks once the upstream accepted the request, raising
+        before that so the call can fail over; a plain async generator is
+        accepted too, but then cannot fail over), ``async embeddings(call, deployment, body)
         -> dict`` and ``async aclose()``. Deployments name the provider in
         their ``provider`` field.
     """
@@ -124,5 +126,8 @@ async def veil_shutdown(runtime: Runtime) -> None:
     """Close what :func:`veil_startup` opened. May be ``async def``; awaited.
 
     Fires when the gateway stops, and for a replaced policy once the calls
-    that started under it have finished.
+    that started under it have finished. Exceptions are logged, not raised.
+
+    :param runtime: the runtime being retired (the same object
+        :func:`veil_startup` received).
     """

@@ -146,6 +146,12 @@ class PluginHost:
 
     def _register(self, name: str, obj: Any) -> None:
         try:
+            hash(obj)
+        except TypeError:
+            raise PluginError(
+                name, "must be hashable (a module or a class instance) to be registered"
+            ) from None
+        try:
             self.pm.register(obj, name=name)
         except (ValueError, pluggy.PluginValidationError) as e:
             raise PluginError(name, f"cannot be registered: {e}") from e

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -321,7 +322,9 @@ class Runtime:
                     if op == "chat":
                         result = await provider.chat(call, dep, body)
                     elif op == "stream":
-                        result = await provider.chat_stream(call, dep, body)
+                        result = provider.chat_stream(call, dep, body)
+                        if inspect.isawaitable(result):  # async def returning the chunks
+                            result = await result
                     else:
                         result = await provider.embeddings(call, dep, body)
                 except UpstreamError as e:
