@@ -166,3 +166,8 @@ def test_health_ready_and_metrics(gateway: ServerThread) -> None:
     assert 'veil_requests_total{endpoint="chat",model="",status="404"} 1.0' in text
     assert "veil_gateway_overhead_seconds_bucket" in text
     assert "nope" not in text  # user-supplied strings never become labels
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/v1/models", "/nowhere"])
+def test_every_response_carries_a_request_id(gateway: ServerThread, path: str) -> None:
+    assert httpx.get(gateway.url + path, headers=AUTH).headers["x-request-id"]

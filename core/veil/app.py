@@ -181,25 +181,40 @@ async def get_model(request: Request) -> Response:
     return json_response(_model_entry(name, allowed, created), headers={"x-request-id": rid})
 
 
+def _rid(request: Request) -> dict[str, str]:
+    return {"x-request-id": request_id(request.headers)}
+
+
 async def healthz(request: Request) -> Response:
-    return json_response({"status": "ok"})
+    return json_response({"status": "ok"}, headers=_rid(request))
 
 
 async def readyz(request: Request) -> Response:
     rt = _gateway(request).runtime
     if rt is None or not rt.started:
-        return json_response({"status": "not ready", "reason": "no policy in force"}, 503)
+        return json_response(
+            {"status": "not ready", "reason": "no policy in force"}, 503, _rid(request)
+        )
     if time.time() >= rt.expires_ts:
-        return json_response({"status": "not ready", "reason": "policy expired"}, 503)
+        return json_response(
+            {"status": "not ready", "reason": "policy expired"}, 503, _rid(request)
+        )
     return json_response(
-        {"status": "ready", "policy_version": rt.policy.version, "plugins": list(rt.policy.plugins)}
+        {
+            "status": "ready",
+            "policy_version": rt.policy.version,
+            "plugins": list(rt.policy.plugins),
+        },
+        headers=_rid(request),
     )
 
 
 async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    return Response(_gateway(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(
+        _gateway(request).metrics.render(), media_type=CONTENT_TYPE_LATEST, headers=_rid(request)
+    )
 
 
 def _admin(rt: Runtime, request: Request) -> None:
@@ -320,6 +335,7 @@ async def plugin_routes(request: Request) -> Response:
         request.scope["path_params"] = params
         request.state.runtime = rt
         response: Response = await spec.endpoint(request)
+        response.headers.setdefault("x-request-id", rid)
         return response
     except GatewayError as e:
         return error_response(e, rid)
