@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .asgi import VeilASGI
 from .errors import (
     AuthenticationFailed,
     GatewayError,
@@ -25,10 +26,9 @@ from .errors import (
     PermissionDenied,
 )
 from .gateway import Gateway, GatewayConfig
-from .http import ClientClosed, SSEResponse, error_response, json_response, read_json, request_id
+from .http import error_response, json_response, request_id
 from .plugins import installed_plugins
 from .runtime import Runtime
-from .validation import validate_chat, validate_embeddings
 
 __all__ = ["create_app"]
 
@@ -52,85 +52,6 @@ def _internal(rid: str, exc: BaseException) -> Response:
     return error_response(
         GatewayError(f"The gateway failed to handle the request; request id {rid}."), rid
     )
-
-
-async def _serve(request: Request, kind: str) -> Response | SSEResponse:
-    gw = _gateway(request)
-    rid = request_id(request.headers)
-    rt = gw.runtime
-    if rt is None:
-        return error_response(_UNAVAILABLE, rid)
-    t0 = time.perf_counter()
-    rt.acquire()
-    call = None
-    status = 500
-    handed_off = False
-    try:
-        principal = rt.authenticate(request.headers)
-        body = await read_json(request, rt.max_body)
-        if kind == "chat":
-            validate_chat(body)
-        else:
-            validate_embeddings(body)
-        call = rt.new_call(rid, kind, body, principal, request.headers)  # type: ignore[arg-type]
-        if call.stream:
-            chunks = await rt.open_stream(call)
-            response = SSEResponse(
-                chunks,
-                _headers(call),
-                lambda: rt.finish_stream(call),  # type: ignore[arg-type]
-                lambda outcome: _stream_ended(rt, call, outcome, t0),  # type: ignore[arg-type]
-            )
-            handed_off = True
-            return response
-        answer = await rt.complete(call)
-        status = 200
-        return json_response(answer, 200, _headers(call))
-    except GatewayError as e:
-        status = e.status
-        return error_response(e, rid)
-    except Exception as e:
-        if call is not None:
-            await rt.fail(call, GatewayError("internal error"))
-        return _internal(rid, e)
-    finally:
-        if not handed_off:
-            rt.release()
-            dep = call.deployment.name if call is not None and call.deployment else ""
-            total = time.perf_counter() - t0
-            rt.metrics.observe(kind, dep, status, total, call.upstream_seconds if call else 0.0)
-
-
-def _headers(call: Any) -> dict[str, str]:
-    headers = {"x-request-id": call.id}
-    if call.deployment is not None:
-        headers["x-veil-model"] = call.deployment.name
-    if call.route is not None and call.route.reason != "policy":
-        headers["x-veil-route"] = call.route.reason
-    if call.response_headers:
-        headers.update(call.response_headers)
-    return headers
-
-
-async def _stream_ended(rt: Runtime, call: Any, outcome: GatewayError | None, t0: float) -> None:
-    try:
-        if outcome is not None:
-            await rt.fail(call, outcome)
-    finally:
-        rt.release()
-        status = 200 if outcome is None else outcome.status
-        dep = call.deployment.name if call.deployment else ""
-        rt.metrics.observe("chat", dep, status, time.perf_counter() - t0, call.upstream_seconds)
-        if isinstance(outcome, ClientClosed):
-            log.info("client_disconnected", request_id=call.id)
-
-
-async def chat_completions(request: Request) -> Response | SSEResponse:
-    return await _serve(request, "chat")
-
-
-async def embeddings(request: Request) -> Response | SSEResponse:
-    return await _serve(request, "embeddings")
 
 
 def _model_entry(name: str, deps: list[Any], created: int) -> dict[str, Any]:
@@ -352,9 +273,11 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return _internal(request_id(request.headers), exc)
 
 
-def create_app(config: GatewayConfig) -> Starlette:
-    """The gateway as an ASGI app. Its lifespan verifies and loads the policy
-    (start-up fails if the policy is refused) and closes everything on exit."""
+def create_app(config: GatewayConfig) -> VeilASGI:
+    """The gateway as an ASGI app: the hot endpoints in raw ASGI, the rest in
+    Starlette; ``app.state.gateway`` is the :class:`Gateway`. Its lifespan
+    verifies and loads the policy (start-up fails if the policy is refused)
+    and closes everything on exit."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -368,8 +291,6 @@ def create_app(config: GatewayConfig) -> Starlette:
 
     all_methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     routes = [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
@@ -379,12 +300,11 @@ def create_app(config: GatewayConfig) -> Starlette:
         Route("/-/policy", admin_policy, methods=["GET"]),
         Route("/{path:path}", plugin_routes, methods=all_methods),
     ]
-    return Starlette(
-        routes=routes, lifespan=lifespan, exception_handlers={Exception: _server_error}
-    )
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={Exception: _server_error})
+    return VeilASGI(app)
 
 
-def app_from_env() -> Starlette:
+def app_from_env() -> VeilASGI:
     """App factory for ``uvicorn --factory`` and multi-worker serving: the
     configuration comes from ``VEIL_*`` environment variables."""
     return create_app(GatewayConfig.from_env())

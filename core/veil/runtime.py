@@ -267,6 +267,8 @@ class Runtime:
         except GatewayError as e:
             await self.fail(call, e)
             raise
+        if not self.pipeline.stream:
+            return _observe_for_client(call, chunks, include_usage)
         chunks = self.pipeline.wrap_stream(call, _observe(call, chunks))
         return _for_client(chunks, include_usage)
 
@@ -403,6 +405,25 @@ async def _observe(call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Ch
             if usage:
                 call.usage = Usage.from_openai(usage)
             yield chunk
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _observe_for_client(
+    call: Call, chunks: AsyncIterator[Chunk], include_usage: bool
+) -> AsyncIterator[Chunk]:
+    """:func:`_observe` and :func:`_for_client` in one generator, for
+    pipelines without stream wrappers (one generator less per chunk)."""
+    try:
+        async for chunk in chunks:
+            usage = chunk.get("usage")
+            if usage:
+                call.usage = Usage.from_openai(usage)
+                if not include_usage and not chunk.get("choices"):
+                    continue
+            yield normalize_chunk(chunk, include_usage)
     finally:
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:

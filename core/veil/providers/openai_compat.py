@@ -57,6 +57,8 @@ class OpenAICompatProvider:
                 json_serialize=lambda o: orjson.dumps(o).decode(),
                 auto_decompress=True,
                 skip_auto_headers=("User-Agent",),
+                # a gateway must never carry one client's upstream cookies to another
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
             self._sessions[base] = session
         return session
@@ -231,31 +233,29 @@ async def _sse_chunks(dep: Deployment, resp: aiohttp.ClientResponse) -> AsyncIte
     """Parse an SSE body into chunk dicts; stop at ``[DONE]``. Closing the
     generator closes the upstream connection (aborting the upstream request)."""
     buf = b""
-    data: list[bytes] = []
     done = False
+    loads = orjson.loads
     try:
         async for piece in resp.content.iter_any():
-            buf += piece
-            while True:
-                nl = buf.find(b"\n")
-                if nl < 0:
-                    break
-                line, buf = buf[:nl].rstrip(b"\r"), buf[nl + 1 :]
-                if line:
-                    if line.startswith(b"data:"):
-                        data.append(line[5:].lstrip(b" "))
-                    elif line.startswith(b"event:") and line[6:].strip() == b"error":
-                        data.append(b'{"__veil_error__": true}')
-                    continue
-                if not data:
-                    continue
-                payload = b"\n".join(data)
-                data = []
+            buf = buf + piece if buf else piece
+            if b"\r" in buf:
+                buf = buf.replace(b"\r\n", b"\n")
+            if b"\n\n" not in buf:
+                continue
+            events = buf.split(b"\n\n")
+            buf = events.pop()
+            for event in events:
+                if event.startswith(b"data: ") and b"\n" not in event:
+                    payload = event[6:]
+                else:
+                    payload = _event_data(event)
+                    if payload is None:
+                        continue
                 if payload == b"[DONE]":
                     done = True
                     return
                 try:
-                    chunk = orjson.loads(payload)
+                    chunk = loads(payload)
                 except orjson.JSONDecodeError:
                     raise UpstreamError(
                         f"deployment {dep.name!r} sent a malformed stream event",
@@ -268,7 +268,7 @@ async def _sse_chunks(dep: Deployment, resp: aiohttp.ClientResponse) -> AsyncIte
                             deployment=dep.name,
                         )
                     yield chunk
-        if data and data != [b"[DONE]"]:
+        if _event_data(buf.strip()) not in (None, b"[DONE]"):
             raise UpstreamError(
                 f"deployment {dep.name!r} ended the stream mid-event", deployment=dep.name
             )
@@ -286,3 +286,13 @@ async def _sse_chunks(dep: Deployment, resp: aiohttp.ClientResponse) -> AsyncIte
             resp.release()
         else:
             resp.close()
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The data of one SSE event (its ``data:`` lines joined), or ``None``
+    for an event without data (comments, keep-alives, ``event:``-only)."""
+    data = [
+        line[5:].lstrip(b" ") if line.startswith(b"data:") else None for line in event.split(b"\n")
+    ]
+    parts = [d for d in data if d is not None]
+    return b"\n".join(parts) if parts else None
