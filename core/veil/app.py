@@ -1,6 +1,7 @@
 """The HTTP application: OpenAI-compatible routes, health, metrics, admin.
 
-``create_app(config)`` builds a Starlette app whose lifespan loads the signed
+``create_app(config)`` builds the ASGI app (raw ASGI for the hot endpoints,
+Starlette for the rest) whose lifespan loads the signed
 policy (refusing to start without a valid one) and closes everything on exit.
 """
 
@@ -8,11 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-import traceback
 from collections.abc import AsyncIterator
 from typing import Any
 
-import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -26,17 +25,11 @@ from .errors import (
     PermissionDenied,
 )
 from .gateway import Gateway, GatewayConfig
-from .http import error_response, json_response, request_id
+from .http import NOT_READY, error_response, json_response, log_internal_error, request_id
 from .plugins import installed_plugins
 from .runtime import Runtime
 
 __all__ = ["create_app"]
-
-log = structlog.get_logger("veil.app")
-
-_UNAVAILABLE = GatewayError(
-    "The gateway is not ready: no policy is in force.", status=503, code="not_ready"
-)
 
 
 def _gateway(request: Request) -> Gateway:
@@ -44,11 +37,7 @@ def _gateway(request: Request) -> Gateway:
 
 
 def _internal(rid: str, exc: BaseException) -> Response:
-    # the exception's message and traceback text may quote request data: log
-    # only its type and where it was raised
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
-    log.error("internal_error", request_id=rid, error=type(exc).__name__, where=where)
+    log_internal_error(rid, exc)
     return error_response(
         GatewayError(f"The gateway failed to handle the request; request id {rid}."), rid
     )
@@ -67,7 +56,7 @@ async def list_models(request: Request) -> Response:
     rid = request_id(request.headers)
     rt = _gateway(request).runtime
     if rt is None:
-        return error_response(_UNAVAILABLE, rid)
+        return error_response(NOT_READY, rid)
     try:
         principal = rt.authenticate(request.headers)
     except GatewayError as e:
@@ -85,7 +74,7 @@ async def get_model(request: Request) -> Response:
     rid = request_id(request.headers)
     rt = _gateway(request).runtime
     if rt is None:
-        return error_response(_UNAVAILABLE, rid)
+        return error_response(NOT_READY, rid)
     try:
         principal = rt.authenticate(request.headers)
         name = request.path_params["model"]
@@ -183,7 +172,7 @@ async def admin_plugins(request: Request) -> Response:
     rid = request_id(request.headers)
     rt = _gateway(request).runtime
     if rt is None:
-        return error_response(_UNAVAILABLE, rid)
+        return error_response(NOT_READY, rid)
     try:
         _admin(rt, request)
     except GatewayError as e:
@@ -197,7 +186,7 @@ async def admin_policy(request: Request) -> Response:
     rid = request_id(request.headers)
     rt = _gateway(request).runtime
     if rt is None:
-        return error_response(_UNAVAILABLE, rid)
+        return error_response(NOT_READY, rid)
     try:
         _admin(rt, request)
     except GatewayError as e:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import traceback
 from collections.abc import AsyncIterator, Generator
 from typing import Any
 
@@ -21,7 +20,7 @@ import orjson
 import structlog
 
 from .errors import BadRequest, GatewayError, PayloadTooLarge, UnsupportedMediaType
-from .http import ClientClosed, request_id
+from .http import NOT_READY, ClientClosed, log_internal_error, request_id
 from .runtime import Runtime
 from .types import Call, Chunk
 from .validation import validate_chat, validate_embeddings
@@ -40,9 +39,6 @@ _SSE_HEADERS = [
 ]
 _DONE = b"data: [DONE]\n\n"
 _FLUSH_BYTES = 64 * 1024
-_NOT_READY = GatewayError(
-    "The gateway is not ready: no policy is in force.", status=503, code="not_ready"
-)
 
 
 class VeilASGI:
@@ -143,7 +139,7 @@ async def serve(gw: Any, kind: str, scope: dict[str, Any], receive: Any, send: A
     rid = request_id(headers)
     rt: Runtime | None = gw.runtime
     if rt is None:
-        await _send_json(send, 503, orjson.dumps(_NOT_READY.body()), _raw_headers(None, rid))
+        await _send_json(send, 503, orjson.dumps(NOT_READY.body()), _raw_headers(None, rid))
         return
     t0 = time.perf_counter()
     rt.acquire()
@@ -172,7 +168,7 @@ async def serve(gw: Any, kind: str, scope: dict[str, Any], receive: Any, send: A
         except Exception as e:
             if call is not None:
                 await rt.fail(call, GatewayError("internal error"))
-            _log_internal(rid, e)
+            log_internal_error(rid, e)
             error = GatewayError(f"The gateway failed to handle the request; request id {rid}.")
             await _send_json(send, 500, orjson.dumps(error.body()), _raw_headers(call, rid))
             return
@@ -191,14 +187,6 @@ async def serve(gw: Any, kind: str, scope: dict[str, Any], receive: Any, send: A
         dep = call.deployment.name if call is not None and call.deployment else ""
         total = time.perf_counter() - t0
         rt.metrics.observe(kind, dep, status, total, call.upstream_seconds if call else 0.0)
-
-
-def _log_internal(rid: str, exc: BaseException) -> None:
-    # the exception's message and traceback text may quote request data: log
-    # only its type and where it was raised
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
-    log.error("internal_error", request_id=rid, error=type(exc).__name__, where=where)
 
 
 async def _stream(
@@ -275,7 +263,7 @@ async def _pump(
         if isinstance(e, OSError):
             raise
         if not isinstance(e, GatewayError):
-            _log_internal(call.id, e)
+            log_internal_error(call.id, e)
             e = GatewayError("The gateway failed mid-stream; the answer is incomplete.")
         buf.append(b"data: " + dumps(e.body()) + b"\n\n")
         with contextlib.suppress(OSError):

@@ -5,15 +5,30 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
+import structlog
 from starlette.responses import Response
 
 from .errors import GatewayError
 
-__all__ = ["ClientClosed", "error_response", "json_response", "request_id"]
+__all__ = [
+    "NOT_READY",
+    "ClientClosed",
+    "error_response",
+    "json_response",
+    "log_internal_error",
+    "request_id",
+]
+
+log = structlog.get_logger("veil.app")
+
+NOT_READY = GatewayError(
+    "The gateway is not ready: no policy is in force.", status=503, code="not_ready"
+)
 
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _PREFIX = "req_" + os.urandom(6).hex()
@@ -46,3 +61,11 @@ def error_response(error: GatewayError, rid: str) -> Response:
     """An OpenAI-shaped error response carrying ``x-request-id``."""
     headers = {"x-request-id": rid, **error.headers}
     return Response(orjson.dumps(error.body()), error.status, headers, "application/json")
+
+
+def log_internal_error(rid: str, exc: BaseException) -> None:
+    """Log an unexpected exception by type and place only: its message and
+    traceback text may quote request data."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
+    log.error("internal_error", request_id=rid, error=type(exc).__name__, where=where)
