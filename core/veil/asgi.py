@@ -200,25 +200,34 @@ async def _stream(
     """Send the stream as server-sent events; return ``None`` when complete,
     else the error that ended it (a :class:`ClientClosed` on disconnect).
 
-    A watcher notices the client going away at once (not at the next write)
-    and cancels the pump, which closes the upstream request.
+    A watcher task notices the client going away at once (not at the next
+    write) and cancels the pump (running in this task), which closes the
+    upstream request.
     """
     await send({"type": "http.response.start", "status": 200, "headers": headers + _SSE_HEADERS})
-    pump = asyncio.ensure_future(_pump(rt, call, chunks, send))
+    task = asyncio.current_task()
+    assert task is not None
+    state = {"watching": True, "gone": False}
+
+    def on_disconnect(watch: asyncio.Future[None]) -> None:
+        if state["watching"] and not watch.cancelled() and watch.exception() is None:
+            state["gone"] = True
+            task.cancel()
+
     watch = asyncio.ensure_future(_wait_disconnect(receive))
+    watch.add_done_callback(on_disconnect)
     try:
-        await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not pump.done():
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await pump
-            return ClientClosed("The client closed the stream.")  # noqa: B012
-        watch.cancel()
-    try:
-        return pump.result()
+        return await _pump(rt, call, chunks, send)
+    except asyncio.CancelledError:
+        if not state["gone"]:
+            raise
+        task.uncancel()
+        return ClientClosed("The client closed the stream.")
     except OSError:
         return ClientClosed("The client closed the stream.")
+    finally:
+        state["watching"] = False
+        watch.cancel()
 
 
 async def _pump(
