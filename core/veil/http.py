@@ -16,8 +16,8 @@ from starlette.responses import Response
 from .errors import GatewayError
 
 __all__ = [
-    "NOT_READY",
     "ClientClosed",
+    "NOT_READY",
     "error_response",
     "json_response",
     "log_internal_error",
