@@ -23,7 +23,7 @@ help:
 	@echo "make run    serve the demo gateway on $(HOST):$(PORT) (mock models, no network)"
 	@echo "make test   install test dependencies (Redis included) and run every test"
 	@echo "make bench  measure gateway overhead against a bare pass-through"
-	@echo "make lint   ruff check + format check"
+	@echo "make lint   ruff check, format check, mypy --strict on the core"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,7 @@ run: $(STAMP_RUN) $(DEV)/keys/veil-policy.key
 
 test: install-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 bench: $(STAMP_TEST)
@@ -75,6 +76,7 @@ bench: $(STAMP_TEST)
 lint: $(STAMP_TEST)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) $(DEV) bench/results

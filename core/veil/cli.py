@@ -419,8 +419,8 @@ def serve(
     config = GatewayConfig.from_env(env)
     if server == "granian":
         try:
-            from granian import Granian  # type: ignore[import-not-found]
-            from granian.constants import Interfaces  # type: ignore[import-not-found]
+            from granian import Granian
+            from granian.constants import Interfaces
         except ImportError:
             _fail("granian is not installed: `pip install granian`, or use --server uvicorn", 2)
         Granian(

@@ -55,7 +55,9 @@ def _example(schema: Any, hint: str, depth: int = 0) -> Any:
     if isinstance(t, list):
         t = next((x for x in t if x != "null"), "string")
     if t == "object" or "properties" in schema:
-        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        props = schema.get("properties")
+        if not isinstance(props, dict):
+            props = {}
         return {k: _example(v, hint, depth + 1) for k, v in props.items()}
     if t == "array":
         return [_example(schema.get("items"), hint, depth + 1)]
@@ -111,8 +113,7 @@ class MockModel:
         tools = body.get("tools")
         choice = body.get("tool_choice")
         last_role = messages[-1].get("role") if messages else None
-        wants_tool = isinstance(tools, list) and tools and choice != "none" and last_role != "tool"
-        if wants_tool:
+        if isinstance(tools, list) and tools and choice != "none" and last_role != "tool":
             fn = None
             if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
                 fn = choice["function"].get("name")
@@ -160,8 +161,12 @@ class MockModel:
             if isinstance(s, str) and s and s in text:
                 text = text[: text.index(s)]
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        limited = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
-        if limited and count_tokens(text) > limit:
+        if (
+            isinstance(limit, int)
+            and not isinstance(limit, bool)
+            and limit > 0
+            and count_tokens(text) > limit
+        ):
             text = text[: limit * 4]
             finish = "length"
         message = {"role": "assistant", "content": text, "refusal": None}
@@ -173,11 +178,8 @@ class MockModel:
     def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """A complete ``chat.completion`` for the request ``body``."""
         last_user, prompt_tokens, messages = self._prompt(body)
-        n = (
-            body.get("n")
-            if isinstance(body.get("n"), int) and not isinstance(body.get("n"), bool)
-            else 1
-        )
+        requested = body.get("n")
+        n = requested if isinstance(requested, int) and not isinstance(requested, bool) else 1
         n = max(1, min(n, 16))
         choices, completion_tokens = [], 0
         for i in range(n):

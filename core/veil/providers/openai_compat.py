@@ -245,6 +245,7 @@ async def _sse_chunks(dep: Deployment, resp: aiohttp.ClientResponse) -> AsyncIte
             events = buf.split(b"\n\n")
             buf = events.pop()
             for event in events:
+                payload: bytes | None
                 if event.startswith(b"data: ") and b"\n" not in event:
                     payload = event[6:]
                 else:
