@@ -8,7 +8,8 @@
   restarts and exit codes).
 
 Fixtures (registered through the ``pytest11`` entry point): ``policy_kit``,
-``mock_upstream``, ``start_gateway``.
+``mock_upstream``, ``start_gateway``, ``redis_server`` (a real
+``redis-server`` the tests start; :class:`RedisServer`).
 
 Example, for a plugin author::
 
@@ -43,6 +44,7 @@ __all__ = [
     "GatewayProcess",
     "OTHER_KEY",
     "PolicyKit",
+    "RedisServer",
     "ServerThread",
     "TEST_KEY",
     "free_port",
@@ -327,6 +329,80 @@ class GatewayProcess:
         self.stop()
 
 
+class RedisServer:
+    """A real ``redis-server`` on 127.0.0.1:<free port>, without persistence,
+    for tests of Redis-backed storage (budgets, rate limits, cache, mappings).
+
+    ``url`` is ``redis://127.0.0.1:PORT/0``. :raises FileNotFoundError: when
+    ``redis-server`` is not on PATH (``make test`` installs it).
+    """
+
+    def __init__(self) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tempfile.mkdtemp(prefix="veil-redis-")
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def command(self, *args: str) -> bytes:
+        """Send one command (RESP) and return the raw reply, e.g. ``b"+PONG\\r\\n"``."""
+        payload = f"*{len(args)}\r\n" + "".join(f"${len(a)}\r\n{a}\r\n" for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(payload.encode())
+            return s.recv(65536)
+
+    def wait_ready(self, timeout: float = 10.0) -> RedisServer:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            with contextlib.suppress(OSError):
+                if self.command("PING").startswith(b"+PONG"):
+                    return self
+            time.sleep(0.02)
+        raise RuntimeError(f"redis-server not ready after {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 # -- pytest fixtures -------------------------------------------------------------
 
 
@@ -342,6 +418,18 @@ def mock_upstream() -> Iterator[ServerThread]:
     from .mock.server import MockUpstream
 
     with ServerThread(MockUpstream()) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real ``redis-server`` for the session; skipped, saying why, when it is
+    not installed. Flush it between tests that need a clean store."""
+    try:
+        server = RedisServer()
+    except FileNotFoundError as e:
+        pytest.skip(f"{e}; `make test` installs it")
+    with server:
         yield server
 
 
