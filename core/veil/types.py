@@ -10,7 +10,7 @@ chunks are plain dicts (:data:`Chunk`) in OpenAI's
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -194,7 +194,3 @@ class Stage(Protocol):
     """
 
     name: str
-
-
-class StreamWrapper(Protocol):
-    def __call__(self, call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]: ...
