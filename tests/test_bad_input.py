@@ -171,3 +171,8 @@ def test_health_ready_and_metrics(gateway: ServerThread) -> None:
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/v1/models", "/nowhere"])
 def test_every_response_carries_a_request_id(gateway: ServerThread, path: str) -> None:
     assert httpx.get(gateway.url + path, headers=AUTH).headers["x-request-id"]
+
+
+def test_stream_flag_on_embeddings_is_ignored(gateway: ServerThread) -> None:
+    r = _post(gateway, "/v1/embeddings", '{"model": "mock-embed", "input": "x", "stream": true}')
+    assert r.status_code == 200 and r.json()["object"] == "list"

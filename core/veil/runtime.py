@@ -219,7 +219,7 @@ class Runtime:
             principal=principal,
             policy=self.policy,
             headers=headers,
-            stream=body.get("stream") is True,
+            stream=kind == "chat" and body.get("stream") is True,
             route=route,
         )
 
