@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -248,6 +249,17 @@ class ServerThread:
         self.stop()
 
 
+def _terminate(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """Stop a child process: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class GatewayProcess:
     """``veil serve`` as a subprocess on a free port; ``url``, ``send_signal``, ``stop``."""
 
@@ -311,13 +323,7 @@ class GatewayProcess:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _terminate(self.proc)
         self.log.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.log.name)
@@ -338,8 +344,6 @@ class RedisServer:
     """
 
     def __init__(self) -> None:
-        import shutil
-
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
@@ -385,15 +389,7 @@ class RedisServer:
         raise RuntimeError(f"redis-server not ready after {timeout}s")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        import shutil
-
+        _terminate(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
