@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -28,6 +28,7 @@ from .gateway import Gateway, GatewayConfig
 from .http import NOT_READY, error_response, json_response, log_internal_error, request_id
 from .plugins import installed_plugins
 from .runtime import Runtime
+from .types import Principal
 
 __all__ = ["create_app"]
 
@@ -52,43 +53,49 @@ def _model_entry(name: str, deps: list[Any], created: int) -> dict[str, Any]:
     }
 
 
-async def list_models(request: Request) -> Response:
-    rid = request_id(request.headers)
-    rt = _gateway(request).runtime
-    if rt is None:
-        return error_response(NOT_READY, rid)
-    try:
-        principal = rt.authenticate(request.headers)
-    except GatewayError as e:
-        return error_response(e, rid)
+def _json_endpoint(
+    *, admin: bool
+) -> Callable[[Callable[[Request, Runtime, Principal], Any]], Callable[[Request], Any]]:
+    """Wrap a handler ``(request, runtime, principal) -> body`` with what every
+    JSON route does: a request id, 503 without a policy, authentication (an
+    admin key when ``admin``), and OpenAI-shaped errors."""
+
+    def wrap(handler: Callable[[Request, Runtime, Principal], Any]) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            rid = request_id(request.headers)
+            rt = _gateway(request).runtime
+            try:
+                if rt is None:
+                    raise NOT_READY
+                principal = _admin(rt, request) if admin else rt.authenticate(request.headers)
+                body = handler(request, rt, principal)
+            except GatewayError as e:
+                return error_response(e, rid)
+            return json_response(body, headers={"x-request-id": rid})
+
+        return endpoint
+
+    return wrap
+
+
+@_json_endpoint(admin=False)
+def list_models(request: Request, rt: Runtime, principal: Principal) -> dict[str, Any]:
     created = int(rt.policy.issued_at.timestamp())
     data = [
         _model_entry(name, allowed, created)
         for name, deps in rt.policy.models.items()
         if (allowed := [d for d in deps if d.allows(principal.team)])
     ]
-    return json_response({"object": "list", "data": data}, headers={"x-request-id": rid})
+    return {"object": "list", "data": data}
 
 
-async def get_model(request: Request) -> Response:
-    rid = request_id(request.headers)
-    rt = _gateway(request).runtime
-    if rt is None:
-        return error_response(NOT_READY, rid)
-    try:
-        principal = rt.authenticate(request.headers)
-        name = request.path_params["model"]
-        allowed = [d for d in rt.policy.models.get(name, []) if d.allows(principal.team)]
-        if not allowed:
-            raise NotFound(
-                f"The model '{name}' does not exist or you do not have access to it.",
-                code="model_not_found",
-                param="model",
-            )
-    except GatewayError as e:
-        return error_response(e, rid)
-    created = int(rt.policy.issued_at.timestamp())
-    return json_response(_model_entry(name, allowed, created), headers={"x-request-id": rid})
+@_json_endpoint(admin=False)
+def get_model(request: Request, rt: Runtime, principal: Principal) -> dict[str, Any]:
+    name = request.path_params["model"]
+    allowed = [d for d in rt.policy.models.get(name, []) if d.allows(principal.team)]
+    if not allowed:
+        raise NotFound.model(name)
+    return _model_entry(name, allowed, int(rt.policy.issued_at.timestamp()))
 
 
 def _rid(request: Request) -> dict[str, str]:
@@ -127,11 +134,12 @@ async def metrics(request: Request) -> Response:
     )
 
 
-def _admin(rt: Runtime, request: Request) -> None:
+def _admin(rt: Runtime, request: Request) -> Principal:
     principal = rt.authenticate(request.headers)
     if not principal.admin:
         raise PermissionDenied("This route needs an admin key (`veil key new --admin`).")
     request.state.principal = principal
+    return principal
 
 
 def plugin_report(rt: Runtime | None) -> list[dict[str, Any]]:
@@ -168,43 +176,24 @@ def plugin_report(rt: Runtime | None) -> list[dict[str, Any]]:
     return out
 
 
-async def admin_plugins(request: Request) -> Response:
-    rid = request_id(request.headers)
-    rt = _gateway(request).runtime
-    if rt is None:
-        return error_response(NOT_READY, rid)
-    try:
-        _admin(rt, request)
-    except GatewayError as e:
-        return error_response(e, rid)
-    return json_response(
-        {"object": "list", "data": plugin_report(rt)}, headers={"x-request-id": rid}
-    )
+@_json_endpoint(admin=True)
+def admin_plugins(request: Request, rt: Runtime, principal: Principal) -> dict[str, Any]:
+    return {"object": "list", "data": plugin_report(rt)}
 
 
-async def admin_policy(request: Request) -> Response:
-    rid = request_id(request.headers)
-    rt = _gateway(request).runtime
-    if rt is None:
-        return error_response(NOT_READY, rid)
-    try:
-        _admin(rt, request)
-    except GatewayError as e:
-        return error_response(e, rid)
+@_json_endpoint(admin=True)
+def admin_policy(request: Request, rt: Runtime, principal: Principal) -> dict[str, Any]:
     p = rt.policy
-    return json_response(
-        {
-            "version": p.version,
-            "issuer": p.issuer,
-            "audience": p.audience,
-            "issued_at": p.issued_at.isoformat(),
-            "expires_at": p.expires_at.isoformat(),
-            "sha256": p.digest,
-            "pipeline": list(p.gateway.pipeline),
-            "plugins": list(p.plugins),
-        },
-        headers={"x-request-id": rid},
-    )
+    return {
+        "version": p.version,
+        "issuer": p.issuer,
+        "audience": p.audience,
+        "issued_at": p.issued_at.isoformat(),
+        "expires_at": p.expires_at.isoformat(),
+        "sha256": p.digest,
+        "pipeline": list(p.gateway.pipeline),
+        "plugins": list(p.plugins),
+    }
 
 
 async def plugin_routes(request: Request) -> Response:
@@ -214,12 +203,7 @@ async def plugin_routes(request: Request) -> Response:
     found = rt.match_route(request.url.path) if rt is not None else None
     try:
         if found is None and request.url.path in _CORE_PATHS:
-            raise GatewayError(
-                f"Method {request.method} is not allowed on {request.url.path}.",
-                status=405,
-                type="invalid_request_error",
-                code="method_not_allowed",
-            )
+            raise _method_not_allowed(request)
         if found is None:
             raise NotFound(
                 f"Unknown route {request.method} {request.url.path}.", code="unknown_url"
@@ -228,12 +212,7 @@ async def plugin_routes(request: Request) -> Response:
         if request.method not in spec.methods and not (
             request.method == "HEAD" and "GET" in spec.methods
         ):
-            raise GatewayError(
-                f"Method {request.method} is not allowed on {request.url.path}.",
-                status=405,
-                type="invalid_request_error",
-                code="method_not_allowed",
-            )
+            raise _method_not_allowed(request)
         assert rt is not None
         if spec.admin:
             _admin(rt, request)
@@ -251,6 +230,15 @@ async def plugin_routes(request: Request) -> Response:
         return error_response(e, rid)
     except Exception as e:
         return _internal(rid, e)
+
+
+def _method_not_allowed(request: Request) -> GatewayError:
+    return GatewayError(
+        f"Method {request.method} is not allowed on {request.url.path}.",
+        status=405,
+        type="invalid_request_error",
+        code="method_not_allowed",
+    )
 
 
 _CORE_PATHS = frozenset(

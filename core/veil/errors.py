@@ -137,6 +137,16 @@ class NotFound(GatewayError):
     type = "invalid_request_error"
     code = "not_found"
 
+    @classmethod
+    def model(cls, name: object) -> NotFound:
+        """The 404 for a model that is unknown or not allowed for the caller's
+        team (the two are not told apart, so model names do not leak)."""
+        return cls(
+            f"The model '{name}' does not exist or you do not have access to it.",
+            code="model_not_found",
+            param="model",
+        )
+
 
 class PayloadTooLarge(GatewayError):
     status = 413

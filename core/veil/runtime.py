@@ -307,12 +307,7 @@ class Runtime:
         A stream is never retried once it has been handed out."""
         route = call.route
         if route is None or not route.deployments:
-            raise NotFound(
-                f"The model '{call.request.get('model')}' does not exist or you do not have "
-                "access to it.",
-                code="model_not_found",
-                param="model",
-            )
+            raise NotFound.model(call.request.get("model"))
         last: UpstreamError | None = None
         for dep in route.deployments:
             provider = self.providers[dep.provider]
