@@ -27,13 +27,20 @@ _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")
 @dataclass
 class MockSettings:
     """Behaviour knobs. ``fail_rate`` is the share of requests answered with
-    ``fail_status`` (and ``Retry-After: 0`` for 429)."""
+    ``fail_status`` (and ``Retry-After: 0`` for 429). With ``record``, every
+    POST body received is kept in ``received`` (raw bytes), for tests that
+    check what reached the upstream. With ``reply``, chat calls answer as if
+    the last user message had been ``reply`` (tools ignored): a way to make
+    the model "say" something the request did not contain."""
 
     latency_ms: float = 0.0
     chunk_delay_ms: float = 0.0
     fail_rate: float = 0.0
     fail_status: int = 503
     seed: int | None = None
+    record: bool = False
+    reply: str | None = None
+    received: list[bytes] = field(default_factory=list)
     stats: dict[str, int] = field(
         default_factory=lambda: {
             "requests": 0,
@@ -96,6 +103,8 @@ class MockUpstream:
             if not msg.get("more_body"):
                 break
         s.stats["requests"] += 1
+        if s.record:
+            s.received.append(raw)
         if s.latency_ms:
             await asyncio.sleep(s.latency_ms / 1000)
         if s.fail_rate and self._random.random() < s.fail_rate:
@@ -104,6 +113,8 @@ class MockUpstream:
             return await _reply(send, s.fail_status, _error("mock failure", "mock_failure"), extra)
         try:
             body = orjson.loads(raw)
+            if s.reply is not None and isinstance(body, dict) and "messages" in body:
+                body = {**body, "messages": [{"role": "user", "content": s.reply}], "tools": None}
         except orjson.JSONDecodeError:
             return await _reply(send, 400, _error("invalid JSON", "invalid_json"))
         if not isinstance(body, dict):

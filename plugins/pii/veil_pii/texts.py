@@ -1,0 +1,164 @@
+"""Where the text of a request lives, and how to write it back.
+
+:func:`chat_texts` finds every string of an OpenAI chat request that may
+carry personal data: message ``content`` (strings and ``text`` parts) of
+every role, participant ``name``, assistant ``tool_calls`` and
+``function_call`` arguments, ``refusal``, and the top-level ``user`` and
+``metadata`` values. Tool
+call arguments are JSON documents in a string: their string values are
+slots of their own, and the document is written back as valid JSON (only
+when a value changed, so untouched arguments keep their exact bytes). Tool
+results (``role: tool``) that hold JSON are treated the same way.
+
+:func:`embedding_texts` does the same for an embeddings request's ``input``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, MutableMapping, MutableSequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Slot", "TextSlots", "Unscannable", "chat_texts", "embedding_texts"]
+
+
+class Unscannable(ValueError):
+    """The request carries input that cannot be scanned (e.g. token ids)."""
+
+
+@dataclass(slots=True)
+class Slot:
+    """One string in the request: ``container[key]``."""
+
+    container: MutableMapping[str, Any] | MutableSequence[Any]
+    key: Any
+
+    @property
+    def text(self) -> str:
+        value = self.container[self.key]
+        assert isinstance(value, str)
+        return value
+
+    def set(self, value: str) -> None:
+        self.container[self.key] = value
+
+
+@dataclass(slots=True)
+class TextSlots:
+    """The slots of a request and the JSON documents to write back after
+    the slots changed (:meth:`commit`)."""
+
+    slots: list[Slot] = field(default_factory=list)
+    _documents: list[tuple[Slot, Any, str]] = field(default_factory=list)
+
+    def add(self, container: Any, key: Any) -> None:
+        if isinstance(container[key], str) and container[key]:
+            self.slots.append(Slot(container, key))
+
+    def add_json(self, container: Any, key: Any) -> None:
+        """Add the string values of the JSON document ``container[key]``;
+        if it is not a JSON object or array, its whole text is one slot."""
+        raw = container[key]
+        if not isinstance(raw, str) or not raw:
+            return
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            self.add(container, key)
+            return
+        if not isinstance(document, (dict, list)):
+            self.add(container, key)
+            return
+        before = len(self.slots)
+        wrapper = [document]
+        for holder, k in _json_strings(wrapper, 0):
+            self.add(holder, k)
+        if len(self.slots) > before:
+            self._documents.append((Slot(container, key), wrapper, raw))
+
+    def commit(self) -> None:
+        """Write back the JSON documents whose values changed."""
+        for slot, wrapper, raw in self._documents:
+            encoded = json.dumps(wrapper[0], ensure_ascii=False)
+            if json.loads(raw) != wrapper[0]:
+                slot.set(encoded)
+
+    def __iter__(self) -> Iterator[Slot]:
+        return iter(self.slots)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+
+def _json_strings(holder: Any, key: Any) -> Iterator[tuple[Any, Any]]:
+    value = holder[key]
+    if isinstance(value, str):
+        yield holder, key
+    elif isinstance(value, dict):
+        for k in list(value):
+            yield from _json_strings(value, k)
+    elif isinstance(value, list):
+        for i in range(len(value)):
+            yield from _json_strings(value, i)
+
+
+def _parts(content: Any, add: Callable[[Any, Any], None]) -> None:
+    if isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text":
+                add(part, "text")
+
+
+def chat_texts(request: dict[str, Any]) -> TextSlots:
+    """The slots of a chat completion request (see the module doc)."""
+    found = TextSlots()
+    messages = request.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            if message.get("role") in {"tool", "function"}:
+                found.add_json(message, "content")
+            else:
+                found.add(message, "content")
+        else:
+            _parts(content, found.add)
+        for key in ("name", "refusal"):
+            if isinstance(message.get(key), str):
+                found.add(message, key)
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                found.add_json(function, "arguments")
+        function_call = message.get("function_call")
+        if isinstance(function_call, dict):
+            found.add_json(function_call, "arguments")
+    if isinstance(request.get("user"), str):
+        found.add(request, "user")
+    metadata = request.get("metadata")
+    if isinstance(metadata, dict):
+        for key in list(metadata):
+            found.add(metadata, key)
+    return found
+
+
+def embedding_texts(request: dict[str, Any]) -> TextSlots:
+    """The slots of an embeddings request's ``input``.
+
+    :raises Unscannable: the input is token ids, which cannot be analysed.
+    """
+    found = TextSlots()
+    value = request.get("input")
+    if isinstance(value, str):
+        found.add(request, "input")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                found.add(value, i)
+            else:
+                raise Unscannable("token-id input cannot be scanned for personal data")
+    if isinstance(request.get("user"), str):
+        found.add(request, "user")
+    return found
