@@ -22,7 +22,8 @@ STAMP_TEST := $(VENV)/.installed-test
 help:
 	@echo "make run    serve the demo gateway on $(HOST):$(PORT) (mock models, no network)"
 	@echo "make test   install test dependencies (Redis included) and run every test"
-	@echo "make bench  measure gateway overhead against a bare pass-through"
+	@echo "make bench  measure gateway overhead against a bare pass-through, and the pii"
+	@echo "            stage's added latency against plain Presidio"
 	@echo "make lint   ruff check, format check, mypy --strict on the core"
 
 $(PY):
@@ -72,6 +73,7 @@ bench: $(STAMP_TEST)
 	@command -v wrk >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
 	  && (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null || true; }
 	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench.pii $(BENCH_PII_ARGS)
 
 lint: $(STAMP_TEST)
 	$(VENV)/bin/ruff check .

@@ -100,6 +100,9 @@ def test_leak_rate_and_precision_on_labelled_data(detector: Detector) -> None:
         "Order number 123456789 was shipped on March 3rd.",
         "Hi, can you help me with my homework?",
         "I'm happy to help.",
+        "Subclass BaseModel and return a JSONResponse from the handler.",
+        "Read the README, then send SIGHUP to reload; sha256 and Ed25519 keys are fine.",
+        "Latency ratio was 0.43-0.56 across 400/404/422 pass cases.",
     ],
 )
 def test_ordinary_text_is_left_alone(detector: Detector, text: str) -> None:

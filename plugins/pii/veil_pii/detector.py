@@ -50,7 +50,7 @@ from presidio_analyzer.predefined_recognizers import (
 
 from .recognizers.addresses import VeilAddressRecognizer
 from .recognizers.cards import VeilCardRecognizer
-from .recognizers.names import VeilNameRecognizer, english_words
+from .recognizers.names import PARTICLES, VeilNameRecognizer, english_words, looks_like_code
 from .recognizers.phones import VeilPhoneRecognizer
 from .settings import CustomRecognizer, PiiSettings
 
@@ -298,9 +298,32 @@ class Detector:
             for r in kept
             if r.entity_type != "DATE_TIME" or _ABSOLUTE_TIME.search(text[r.start : r.end])
         ]
+        kept = [r for r in kept if not _ner_misfire(text, r)]
         if self._allowed is not None:
             kept = _drop_allowed(text, kept, self._allowed)
         return merge(kept)
+
+
+def _ner_misfire(text: str, result: RecognizerResult) -> bool:
+    """A PERSON from the NER model that is an identifier, an acronym, holds
+    digits, or has lower-case words (other than particles such as ``van``)
+    in text that has capitals (``README``, ``the``, ``sha256 and Ed25519
+    keys``): the small model's typical mistakes on technical text."""
+    if result.entity_type != "PERSON":
+        return False
+    meta = result.recognition_metadata or {}
+    if meta.get(RecognizerResult.RECOGNIZER_NAME_KEY) != "SpacyRecognizer":
+        return False
+    span = text[result.start : result.end]
+    if any(c.isdigit() for c in span):
+        return True  # "sha256 and Ed25519 keys"
+    cased = any(c.isupper() for c in text)
+    parts = span.split()
+    if len(parts) > 1:
+        return cased and any(p.islower() and p not in PARTICLES for p in parts)
+    if looks_like_code(text, result.start, result.end):
+        return True
+    return span.islower() and cased
 
 
 def merge(results: Iterable[RecognizerResult]) -> list[Finding]:

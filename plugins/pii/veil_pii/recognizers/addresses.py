@@ -62,6 +62,19 @@ UNITS = words(
     """
 )
 MILITARY = frozenset({"apo", "fpo", "dpo"})
+_PLAIN_ENGLISH = words(
+    """
+    pass park way place court view run walk close key keys common commons flat flats mount
+    spring springs lake hill square center centre station mill gate ring row path track
+    trace loop cove ford forest glen green greens hollow lock locks lodge mall oval ramp
+    river shore crossing corner corners creek cape divide estate estates falls ferry
+    harbor harbour haven heights island isle junction knoll landing manor meadow meadows
+    mission plain port prairie ranch rapids ridge route shoal spur stream summit tunnel
+    valley village vista extension extensions fork forks key st dr ct pl sq ter
+    """
+)
+"""Street words that are also everyday English: in lower case after a number
+(``404 pass``) they are not a street."""
 _CUE = tuple(
     re.compile(rf"(?i)(?:{cue})\s*")
     for cue in (
@@ -105,7 +118,9 @@ def _addressy(tok: Token, caseless: bool = False) -> bool:
     if tok.is_word:
         folded = tok.text.casefold()
         return _cap(tok, caseless) or folded in UNITS or _is_street(folded) or folded == "nan"
-    return tok.text in {",", "-", "/", "#", "(", ")", "."}
+    text = tok.text
+    symbol = not text.isascii() and not text.isalnum()  # "∆" in "ΧΑΝ∆ΡΙΑ"
+    return text in {",", "-", "/", "#", "(", ")", "."} or symbol
 
 
 class VeilAddressRecognizer(EntityRecognizer):
@@ -204,7 +219,8 @@ def _street_follows(tokens: Sequence[Token], i: int, caseless: bool) -> bool:
         if t.is_newline or (not t.is_word and not t.is_number and t.text != "."):
             return False
         street = t.is_word and _is_street(t.text)
-        if street and (j > i + 1 or len(t.text) > 2 and (_cap(t, caseless) or j + 1 < len(tokens))):
+        plain = t.folded in _PLAIN_ENGLISH and not _cap(t, caseless)
+        if street and not plain and (j > i + 1 or len(t.text) > 2):
             return True
         if t.is_word and not _cap(t, caseless) and t.text.casefold() not in _FILLERS:
             return False
@@ -226,35 +242,38 @@ def _number_near(tokens: Sequence[Token], i: int, caseless: bool) -> bool:
 
 def _grow_left(tokens: Sequence[Token], i: int, caseless: bool) -> int:
     """Take what precedes the anchor on its line: house numbers and units at
-    once; street-name words only when a house number precedes them
-    (``9721 Dalmatinova 43 Apt. 678``, not ``Mrs. Barbara Yudina Apt. 675``)."""
+    once; street-name words when a house number precedes them
+    (``9721 Dalmatinova 43 Apt. 678``, not ``Mrs. Barbara Yudina Apt. 675``),
+    when they start a short line, or, before a street word, up to three of
+    them (``Erzsébet tér 19``, ``Rúa do Paseo 46``)."""
     j = i
     k = i
     prefixes = UNITS | {"u", "ul"}
+    named = 0
+    street_anchor = tokens[i].is_word and _is_street(tokens[i].text)
     while k > 0 and i - k < 8:
         prev = tokens[k - 1]
         if prev.is_newline:
             break
-        folded = prev.text.casefold()
+        folded = prev.folded
         if prev.is_number or (prev.is_word and folded in prefixes):
             k -= 1
             j = k
-        elif (
-            prev.text in {".", "#"}
-            and k >= 2
-            and tokens[k - 2].text.casefold() in prefixes
-            or (prev.is_word and (_cap(prev, caseless) or folded in _FILLERS))
-            or prev.text
-            in {
-                ".",
-                ",",
-            }
-        ):
+        elif prev.text in {".", "#"} and k >= 2 and tokens[k - 2].folded in prefixes:
+            k -= 1
+        elif prev.is_word and (_cap(prev, caseless) or folded in _FILLERS):
+            k -= 1
+            named += prev.is_word and folded not in _FILLERS
+            if street_anchor and named <= 3 and folded not in _FILLERS:
+                j = k
+        elif prev.text in {".", ","}:
             k -= 1
         elif prev.is_word and len(folded) <= 4 and tokens[k].text == ".":
             k -= 1  # an abbreviation: "rkp.", "str."
         else:
             break
+    if k < j and _at_line_start(tokens, k) and _house_line(tokens, k, caseless):
+        j = k  # "Fuglie 41 Popović Dam": the whole short line
     if tokens[i].text.casefold() in MILITARY and _at_line_start(tokens, j):
         above = _previous_line_start(tokens, j)
         if above is not None and _short_name_line(tokens, above, caseless):

@@ -33,7 +33,7 @@ from spacy.lang.en.stop_words import STOP_WORDS
 
 from .tokens import Token, tokenize, words
 
-__all__ = ["VeilNameRecognizer", "family_names", "given_names"]
+__all__ = ["PARTICLES", "VeilNameRecognizer", "english_words", "family_names", "given_names", "looks_like_code"]
 
 PARTICLES = words(
     """
@@ -144,7 +144,30 @@ def english_words(model: str) -> frozenset[str]:
     return frozenset(w for w in words if "_" not in w)
 
 
-_SUFFIXES = ("ies", "es", "s", "ed", "ing", "ly", "er", "est", "'s", "’s")
+_SUFFIXES = ("ies", "es", "s", "ed", "d", "ing", "ly", "er", "est", "'s", "’s")
+_NAME_PREFIXES = re.compile(r"^(?:Mc|Mac|De|Di|Da|Du|La|Le|Van|Von|Fitz|O['’])[A-Z]")
+
+
+def looks_like_code(text: str, start: int, end: int) -> bool:
+    """Is ``text[start:end]`` an identifier or an acronym rather than a name?
+
+    CamelCase inside the word (``BaseModel``; ``McDonald`` is a name), all
+    capitals (``README``, ``JSON``), digits or code punctuation glued to it
+    (``Ed25519``, `` `Redis` ``, ``sha256``, ``Starlette(``, ``os.path``).
+    """
+    word = text[start:end]
+    if len(word) > 1 and word.isupper():
+        return True
+    camel = any(c.isupper() for c in word[1:]) and any(c.islower() for c in word)
+    if camel and not _NAME_PREFIXES.match(word) and "-" not in word:
+        return True
+    before = text[start - 1] if start else " "
+    after = text[end] if end < len(text) else " "
+    if before in "`_/\\<=$#@" or after in "`_(=/\\<>[{0123456789":
+        return True
+    return after == "." and end + 1 < len(text) and (text[end + 1].isalnum())
+
+
 _VERB_AFTER = words(
     """
     is was has had have will would said says began begins shouted told asked wrote
@@ -258,7 +281,9 @@ class VeilNameRecognizer(EntityRecognizer):
 
         if caseless and not capitalized:
             # Text written without capitals: names are the gazetteer words
-            # that are not English words.
+            # that are not English words (nor code: sha256, os.path).
+            if any(looks_like_code(text, w.start, w.end) for w in words):
+                return 0.0
             if all(f in given or f in family or len(f) == 1 for f in folded) and proper:
                 return 0.8 if strong or dialogue or len(words) >= 2 else 0.6
             if (strong or dialogue) and len(words) <= 3 and proper:
@@ -282,6 +307,8 @@ class VeilNameRecognizer(EntityRecognizer):
             return 0.0
         # A single capitalised word.
         word = folded[0]
+        if looks_like_code(text, words[0].start, words[0].end) and not (strong or title):
+            return 0.0
         known = word in given or word in family
         if not known or word in STOP_WORDS:
             if word in STOP_WORDS or word in AMBIGUOUS or word in _NEVER_ALONE:
@@ -302,7 +329,7 @@ class VeilNameRecognizer(EntityRecognizer):
             # The small model tags many foreign given names as places; a given
             # name that is not also an English word is still a name.
             return 0.55 if word in given and word not in AMBIGUOUS else 0.0
-        if word in AMBIGUOUS:
+        if word in AMBIGUOUS or (self._english(word) and word not in given):
             if word in _NEVER_ALONE:
                 return 0.0
             return 0.6 if in_ner_person else 0.55 if (verb_after or weak) else 0.0

@@ -40,6 +40,7 @@ _LABEL_AFTER = re.compile(r"(?i)^[ \t]*(?:-[ \t]*|\()?(?:office|fax|mobile|cell|
 _DATE_LIKE = re.compile(
     r"^\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|^\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}$|^\d{1,2}:\d{2}"
 )
+_DECIMALS = re.compile(r"\d{1,3}\.\d{1,3}(?:[ \t]*[-/][ \t]*\d{1,3}\.\d{1,3})?")
 _NANP = re.compile(r"^(?:\+?1[ .\-]?)?\(?\d{3}\)?[ .\-]?\d{3}[ .\-]\d{4}(?:[ \t]*x\d+)?$")
 _REGIONS = (
     "US", "GB", "DE", "FR", "IT", "ES", "PT", "NL", "BE", "CH", "AT", "DK", "SE", "NO", "FI",
@@ -118,6 +119,8 @@ class VeilPhoneRecognizer(EntityRecognizer):
             return 0.0
         if re.fullmatch(r"\d{1,3}(?:\.\d{1,3}){3}", candidate):  # an IP address
             return 0.0
+        if _DECIMALS.fullmatch(candidate):  # 0.43-0.56, 12.5
+            return 0.0
         groups = re.findall(r"\d+", main)
         if len(digits) >= 13 and _luhn(digits) and not candidate.startswith(("+", "00")):
             return 0.0  # a card number, for the card recognizer
@@ -136,6 +139,8 @@ class VeilPhoneRecognizer(EntityRecognizer):
                 pass
         if cue and len(digits) >= 6:
             return 0.85
+        if "/" in candidate:
+            return 0.0  # 400/404/422: with a slash, only a cue makes it a number to call
         if len(digits) < 7:
             return 0.0
         if _NANP.match(candidate):
