@@ -38,7 +38,11 @@ def words(text: str) -> str:
 def test_the_upstream_sees_placeholders_and_the_client_the_names(pii_gateway) -> None:
     gw: PiiGateway = pii_gateway(actions={"CREDIT_CARD": "block"})
     with gw.client() as client:
-        answer = client.chat.completions.create(model="mock-model", messages=user(ZOE))
+        raw = client.chat.completions.with_raw_response.create(
+            model="mock-model", messages=user(ZOE)
+        )
+    answer = raw.parse()
+    assert raw.headers["x-veil-pii"] == "EMAIL_ADDRESS=1, PERSON=1, PHONE_NUMBER=1"
     assert said(answer.choices[0].message.content) == ZOE
     (body,) = gw.received
     sent = body["messages"][0]["content"]

@@ -52,10 +52,14 @@ from .settings import PiiSettings
 from .texts import TextSlots, Unscannable, chat_texts, embedding_texts
 from .vault import Vault, build_vault, load_key
 
-__all__ = ["CONVERSATION_HEADER", "PiiStage", "Unavailable"]
+__all__ = ["CONVERSATION_HEADER", "HEADER", "PiiStage", "Unavailable"]
 
 CONVERSATION_HEADER = "x-veil-conversation"
 """Request header naming a conversation whose placeholders persist across calls."""
+
+HEADER = "x-veil-pii"
+"""Response header with what was replaced, by type: ``EMAIL_ADDRESS=1, PERSON=2``
+(counts only), or ``none``."""
 
 _CONVERSATION_ID = re.compile(r"[\x21-\x7e]{1,200}")
 _SENTENCE_END = re.compile(r"[.!?\n][)\"'”’]*\s")
@@ -185,6 +189,9 @@ class PiiStage:
         state.known = frozenset(" ".join(v.split()).casefold() for v in table.values())
         self._calls[call.id] = state
         call.scratch[self.name] = state.summary(conversation is not None)
+        call.response_headers[HEADER] = (
+            ", ".join(f"{kind}={n}" for kind, n in sorted(state.counts.items())) or "none"
+        )
         call.decide(self.name, "redacted" if state.counts else "clean", entities=dict(state.counts))
 
     def _pool(self) -> AnalysisPool:

@@ -33,7 +33,14 @@ from spacy.lang.en.stop_words import STOP_WORDS
 
 from .tokens import Token, tokenize, words
 
-__all__ = ["PARTICLES", "VeilNameRecognizer", "english_words", "family_names", "given_names", "looks_like_code"]
+__all__ = [
+    "PARTICLES",
+    "VeilNameRecognizer",
+    "english_words",
+    "family_names",
+    "given_names",
+    "looks_like_code",
+]
 
 PARTICLES = words(
     """
