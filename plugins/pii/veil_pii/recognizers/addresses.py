@@ -261,7 +261,11 @@ def _grow_left(tokens: Sequence[Token], i: int, caseless: bool) -> int:
             j = k
         elif prev.text in {".", "#"} and k >= 2 and tokens[k - 2].folded in prefixes:
             k -= 1
-        elif prev.is_word and (_cap(prev, caseless) or folded in _FILLERS):
+        elif prev.is_word and (
+            prev.is_capitalized or folded in _FILLERS or (caseless and street_anchor and named < 1)
+        ):
+            # real capitals only (but one street name word before a street
+            # word): in text without any, walking back would swallow the sentence
             k -= 1
             named += prev.is_word and folded not in _FILLERS
             if street_anchor and named <= 3 and folded not in _FILLERS:
