@@ -59,15 +59,21 @@ def _texts() -> list[str]:
     raise SystemExit("no PII data found (plugins/pii/tests/data/pii_sample.jsonl is missing)")
 
 
+_SERIAL = iter(range(10**9))
+
+
 def prompts(texts: list[str], size: int, count: int, offset: int = 0) -> list[str]:
-    """``count`` distinct prompts of about ``size`` characters."""
+    """``count`` prompts of about ``size`` characters, each unique in the run
+    (a serial number ends it), so no analysis cache can serve one from
+    another."""
     out, i = [], offset
     for _ in range(count):
+        tag = f" (ref {next(_SERIAL)})"
         parts: list[str] = []
-        while sum(len(p) + 1 for p in parts) < size:
+        while sum(len(p) + 1 for p in parts) < size - len(tag):
             parts.append(texts[i % len(texts)])
             i += 7  # a different mix for every prompt
-        out.append(" ".join(parts)[:size])
+        out.append(" ".join(parts)[: size - len(tag)] + tag)
         i += 1
     return out
 

@@ -262,6 +262,11 @@ class VeilNameRecognizer(EntityRecognizer):
         caseless: bool,
         cues: tuple[frozenset[int], frozenset[int]],
     ) -> float:
+        first = tokens[run[0]]
+        if not first.is_capitalized and not caseless and first.start not in cues[0]:
+            before = tokens[run[0] - 1] if run[0] else None
+            if before is not None and not before.is_newline and before.text != ">":
+                return 0.0  # lower case in cased text: only after a cue or as a speaker
         words = [tokens[i] for i in run if tokens[i].is_word and len(tokens[i].text) > 1]
         if not words:
             return 0.0
