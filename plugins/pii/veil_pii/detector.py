@@ -330,8 +330,9 @@ def merge(results: Iterable[RecognizerResult]) -> list[Finding]:
     """Merge overlapping results into single findings.
 
     A merged span covers the union of the overlapping results and takes the
-    type of the best-scoring one (ties: the longest), so that no part of a
-    value detected as two types is left in clear.
+    type of the longest (ties: the best-scoring), so that no part of a value
+    detected as two types is left in clear, and an address with a name in
+    it stays an address.
     """
     ordered = sorted(results, key=lambda r: (r.start, -r.end))
     merged: list[Finding] = []
@@ -340,7 +341,7 @@ def merge(results: Iterable[RecognizerResult]) -> list[Finding]:
 
     def close() -> None:
         if group:
-            best = max(group, key=lambda r: (r.score, r.end - r.start))
+            best = max(group, key=lambda r: (r.end - r.start, r.score))
             merged.append(
                 Finding(group[0].start, group_end, best.entity_type, max(r.score for r in group))
             )
