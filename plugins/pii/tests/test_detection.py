@@ -206,3 +206,12 @@ def test_the_veil_command_has_the_pii_group() -> None:
     result = CliRunner().invoke(veil_cli, ["pii", "--help"])
     assert result.exit_code == 0
     assert "eval" in result.output and "check" in result.output
+
+
+def test_blocked_types_are_found_before_the_ner_model_runs() -> None:
+    detector = Detector(PiiSettings.model_validate({"actions": {"CREDIT_CARD": "block"}}))
+    text = "Zoe Young pays with 4111 1111 1111 1111."
+    assert [f.entity_type for f in detector.prescan(text)] == ["CREDIT_CARD"]
+    assert [f.entity_type for f in detector.analyze(text, stop_at_block=True)] == ["CREDIT_CARD"]
+    assert {f.entity_type for f in detector.analyze(text)} == {"PERSON", "CREDIT_CARD"}
+    assert detector.prescan("Zoe Young pays cash.") == []

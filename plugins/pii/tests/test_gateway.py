@@ -133,9 +133,12 @@ def test_labelled_values_do_not_reach_the_upstream_and_come_back(pii_gateway, re
                 continue
             total += 1
             value = record["text"][span["start"] : span["end"]]
-            pieces = [p for p in re.split(r"\W+", value) if len(p) > 1]
-            if any(re.search(rf"(?<!\w){re.escape(p)}(?!\w)", sent) for p in pieces):
+            # the value, or a distinctive piece of it (4+ characters: "CO",
+            # "12" or "nan" also occur elsewhere in the text, in clear)
+            pieces = [words(value)] + [p for p in re.split(r"\W+", value) if len(p) >= 4]
+            if any(re.search(rf"(?<!\w){re.escape(p)}(?!\w)", words(sent)) for p in pieces):
                 leaked += 1
+    print(f"labelled values that reached the upstream: {leaked}/{total}")
     assert not mismatched, f"answers not restored exactly: {mismatched[:10]}"
     assert total > 100
     assert leaked / total <= 0.05, f"{leaked}/{total} labelled values reached the upstream"

@@ -91,7 +91,7 @@ class AnalysisPool:
         with self._free_lock:
             detector = self._free.pop()
         try:
-            return [detector.analyze(text) for text in texts]
+            return [detector.analyze(text, stop_at_block=True) for text in texts]
         finally:
             with self._free_lock:
                 self._free.append(detector)

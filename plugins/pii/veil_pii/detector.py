@@ -280,11 +280,45 @@ class Detector:
             context_aware_enhancer=TextWindowContextEnhancer(),
         )
         self._allowed = _allow_pattern(settings.allow_list)
+        self.blocked = [e for e in self.entities if settings.action(e) == "block"]
+        self._cheap = (
+            [
+                r
+                for r in self.engine.registry.get_recognizers(
+                    settings.language, entities=self.blocked, all_fields=False
+                )
+                if not isinstance(r, (SpacyRecognizer, VeilNameRecognizer))
+            ]
+            if self.blocked
+            else []
+        )
 
-    def analyze(self, text: str) -> list[Finding]:
-        """Non-overlapping findings in ``text``, sorted by position."""
+    def prescan(self, text: str) -> list[Finding]:
+        """Blocked types found by the pattern and checksum recognizers alone,
+        without the NER model: a call that must be refused is refused at a
+        fraction of the cost. An empty result proves nothing (the full
+        analysis decides); a finding here is one the full analysis makes too.
+        """
+        results: list[RecognizerResult] = []
+        for recognizer in self._cheap:
+            results += recognizer.analyze(text, self.blocked, None)
+        kept = [r for r in results if r.entity_type in self.blocked and r.score >= self.threshold]
+        if kept and self._allowed is not None:
+            kept = _drop_allowed(text, kept, self._allowed)
+        return merge(kept)
+
+    def analyze(self, text: str, *, stop_at_block: bool = False) -> list[Finding]:
+        """Non-overlapping findings in ``text``, sorted by position.
+
+        With ``stop_at_block``, a text in which :meth:`prescan` finds a
+        blocked type returns those findings only (the call will be refused).
+        """
         if not text.strip():
             return []
+        if stop_at_block and self._cheap:
+            blocked = self.prescan(text)
+            if blocked:
+                return blocked
         results = self.engine.analyze(
             text, language=self.settings.language, entities=self.entities, score_threshold=0.0
         )
