@@ -215,3 +215,17 @@ def test_blocked_types_are_found_before_the_ner_model_runs() -> None:
     assert [f.entity_type for f in detector.analyze(text, stop_at_block=True)] == ["CREDIT_CARD"]
     assert {f.entity_type for f in detector.analyze(text)} == {"PERSON", "CREDIT_CARD"}
     assert detector.prescan("Zoe Young pays cash.") == []
+
+
+def test_every_module_declares_a_sorted_public_api() -> None:
+    import importlib
+    import pkgutil
+
+    import veil_pii
+
+    for info in pkgutil.walk_packages(veil_pii.__path__, "veil_pii."):
+        module = importlib.import_module(info.name)
+        names = getattr(module, "__all__", None)
+        assert names is not None, f"{info.name} has no __all__"
+        assert list(names) == sorted(names), info.name
+        assert all(hasattr(module, n) for n in names), info.name

@@ -426,11 +426,3 @@ def _drop_allowed(
             r.start, r.end = start, end
             kept.append(r)
     return kept
-
-
-def describe(findings: Sequence[Finding]) -> dict[str, Any]:
-    """Counts by type (no values): what audit and logs may carry."""
-    counts: dict[str, int] = {}
-    for f in findings:
-        counts[f.entity_type] = counts.get(f.entity_type, 0) + 1
-    return counts
