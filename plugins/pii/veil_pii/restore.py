@@ -275,6 +275,13 @@ class StreamRestorer:
         text = self._before + self._held + delta
         pending = patterns.pending.search(text, max(start, len(text) - patterns.max_held))
         cut = len(text) if pending is None else pending.start()
+        # Why restoring text[start:cut] alone is exact: text[cut] is an opening
+        # bracket, or a letter after a non-word character. Neither can sit
+        # inside a match, so no match crosses the cut. A match ending at the
+        # cut ends with a closing bracket or a digit; after a digit, text[cut]
+        # must be a bracket (a non-word character, not a closing one), just as
+        # the end of the text looks to the regex. What follows is restored
+        # with text[cut - 1] as context for the whole-word rule.
         self._held = text[cut:]
         if cut == start:
             return ""

@@ -33,6 +33,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from veil import BadRequest, Call, GatewayError
@@ -66,6 +67,14 @@ _SENTENCE_END = re.compile(r"[.!?\n][)\"'”’]*\s")
 _MAX_UNSCANNED = 400
 """With output scanning, stream text is released per sentence, or at the
 last space after this many characters when a sentence runs on."""
+
+
+@lru_cache(maxsize=8192)
+def _value_pattern(value: str) -> re.Pattern[str]:
+    """A value as a whole-word, case-insensitive pattern (spaces: any run of
+    whitespace). Cached: a conversation's values recur every turn."""
+    body = r"\s+".join(re.escape(w) for w in value.split())
+    return re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)
 
 
 class Unavailable(GatewayError):
@@ -246,18 +255,15 @@ class PiiStage:
                 types[" ".join(value.split()).casefold()] = parsed[0]
         if not types:
             return findings
-        alternatives = (
-            r"\s+".join(re.escape(w) for w in v.split())
-            for v in sorted(types, key=len, reverse=True)
-        )
-        pattern = re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?!\w)", re.IGNORECASE)
+        longest_first = sorted(types.items(), key=lambda item: -len(item[0]))
+        patterns = [(_value_pattern(value), kind) for value, kind in longest_first]
         extended = []
         for slot, found in zip(slots, findings, strict=True):
             extra = []
-            for m in pattern.finditer(slot.text):
-                if not any(f.start < m.end() and m.start() < f.end for f in found):
-                    kind = types.get(" ".join(m.group().split()).casefold())
-                    if kind is not None:
+            for pattern, kind in patterns:
+                for m in pattern.finditer(slot.text):
+                    taken = found + extra
+                    if not any(f.start < m.end() and m.start() < f.end for f in taken):
                         extra.append(Finding(m.start(), m.end(), kind, 1.0))
             extended.append(sorted([*found, *extra], key=lambda f: f.start) if extra else found)
         return extended
