@@ -69,6 +69,9 @@ _MAX_UNSCANNED = 400
 last space after this many characters when a sentence runs on."""
 
 
+_WORD = re.compile(r"\w+")
+
+
 @lru_cache(maxsize=8192)
 def _value_pattern(value: str) -> re.Pattern[str]:
     """A value as a whole-word, case-insensitive pattern (spaces: any run of
@@ -255,16 +258,33 @@ class PiiStage:
                 types[" ".join(value.split()).casefold()] = parsed[0]
         if not types:
             return findings
-        longest_first = sorted(types.items(), key=lambda item: -len(item[0]))
-        patterns = [(_value_pattern(value), kind) for value, kind in longest_first]
+        # Index the values by their first word: one pass over each text's
+        # words finds the candidates, a cached per-value pattern confirms.
+        by_first: dict[str, list[tuple[re.Pattern[str], str]]] = {}
+        others: list[tuple[re.Pattern[str], str]] = []
+        for value, kind in sorted(types.items(), key=lambda item: -len(item[0])):
+            first = _WORD.match(value)
+            entry = (_value_pattern(value), kind)
+            if first is None:
+                others.append(entry)  # "+44 20 ...": starts with no word character
+            else:
+                by_first.setdefault(first.group(), []).append(entry)
         extended = []
         for slot, found in zip(slots, findings, strict=True):
-            extra = []
-            for pattern, kind in patterns:
-                for m in pattern.finditer(slot.text):
-                    taken = found + extra
-                    if not any(f.start < m.end() and m.start() < f.end for f in taken):
-                        extra.append(Finding(m.start(), m.end(), kind, 1.0))
+            text = slot.text
+            extra: list[Finding] = []
+            candidates: list[tuple[re.Match[str], str]] = []
+            for word in _WORD.finditer(text):
+                for pattern, kind in by_first.get(word.group().casefold(), ()):
+                    hit = pattern.match(text, word.start())
+                    if hit is not None:
+                        candidates.append((hit, kind))
+            for pattern, kind in others:
+                candidates += [(hit, kind) for hit in pattern.finditer(text)]
+            for hit, kind in candidates:
+                taken = found + extra
+                if not any(f.start < hit.end() and hit.start() < f.end for f in taken):
+                    extra.append(Finding(hit.start(), hit.end(), kind, 1.0))
             extended.append(sorted([*found, *extra], key=lambda f: f.start) if extra else found)
         return extended
 
