@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from piitest import PLUGIN, SAMPLE, labelled_data
 from veil_pii.cli import pii
-from veil_pii.detector import Detector, ModelNotInstalled
+from veil_pii.detector import Detector, ModelNotInstalled, candidate_sentences
 from veil_pii.evaluate import Tally, read_records
 from veil_pii.settings import PiiSettings
 
@@ -215,6 +215,42 @@ def test_blocked_types_are_found_before_the_ner_model_runs() -> None:
     assert [f.entity_type for f in detector.analyze(text, stop_at_block=True)] == ["CREDIT_CARD"]
     assert {f.entity_type for f in detector.analyze(text)} == {"PERSON", "CREDIT_CARD"}
     assert detector.prescan("Zoe Young pays cash.") == []
+
+
+def test_the_ner_model_reads_only_sentences_that_may_hold_a_name(detector: Detector) -> None:
+    gate = detector.engine.nlp_engine.person_words
+    assert gate is not None
+    text = "Hello there. Mr. Smith called on Monday! We spoke; e.g. about it.\nThe end."
+    assert [text[a:b] for a, b in candidate_sentences(text, gate)] == [
+        "Mr. Smith called on Monday! "
+    ]
+    assert not gate("HTTP") and gate("ZOE") and not gate("Users") and gate("Kaczmarek")
+    # dates, places and organisations need every sentence: no gate then
+    wide = Detector(PiiSettings.model_validate({"entities": ["PERSON", "LOCATION"]}))
+    assert wide.engine.nlp_engine.person_words is None
+
+
+def test_reading_candidate_sentences_only_finds_what_reading_everything_finds(
+    detector: Detector,
+) -> None:
+    """The gate saves model time without losing names: on the labelled
+    data, the findings with and without it leak the same share of values."""
+    engine = detector.engine.nlp_engine
+    gate = engine.person_words
+    settings = PiiSettings()
+    gated, full = Tally(settings.acted_on), Tally(settings.acted_on)
+    try:
+        for record in read_records(labelled_data()):
+            engine.person_words = gate
+            gated.add(record, detector.analyze(record.text))
+            engine.person_words = None
+            full.add(record, detector.analyze(record.text))
+    finally:
+        engine.person_words = gate
+    assert gated.report()["leak_rate"] <= full.report()["leak_rate"] + 0.005
+    assert gated.report()["per_type"]["PERSON"]["recall"] >= (
+        full.report()["per_type"]["PERSON"]["recall"] - 0.01
+    )
 
 
 def test_every_module_declares_a_sorted_public_api() -> None:

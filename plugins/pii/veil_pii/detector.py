@@ -5,7 +5,9 @@ the policy's ``[pii]`` settings:
 
 - the NLP engine loads the pinned spaCy package with only its NER component
   (no tagger, parser or lemmatizer: about a third of the full pipeline's
-  cost) and never downloads a model;
+  cost) and never downloads a model; when ``PERSON`` is the only type the
+  policy needs the model for, it reads only the sentences holding a word
+  that may be a name (:func:`candidate_sentences`), not the others;
 - the registry holds Presidio's pattern and checksum recognizers for the
   configured types, an e-mail recognizer whose domain check uses
   ``tldextract``'s bundled suffix list (never the network), and veil's own
@@ -23,7 +25,7 @@ left in clear), allow-listed terms are dropped, and relative time phrases
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,11 +52,24 @@ from presidio_analyzer.predefined_recognizers import (
 
 from .recognizers.addresses import VeilAddressRecognizer
 from .recognizers.cards import VeilCardRecognizer
-from .recognizers.names import PARTICLES, VeilNameRecognizer, english_words, looks_like_code
+from .recognizers.names import (
+    PARTICLES,
+    TITLES,
+    VeilNameRecognizer,
+    could_be_a_name,
+    english_words,
+    looks_like_code,
+)
 from .recognizers.phones import VeilPhoneRecognizer
 from .settings import CustomRecognizer, PiiSettings
 
-__all__ = ["Detector", "Finding", "ModelNotInstalled", "OfflineSpacyNlpEngine"]
+__all__ = [
+    "Detector",
+    "Finding",
+    "ModelNotInstalled",
+    "OfflineSpacyNlpEngine",
+    "candidate_sentences",
+]
 
 NER_MAPPING = {
     "PERSON": "PERSON",
@@ -126,22 +141,94 @@ class OfflineSpacyNlpEngine(SpacyNlpEngine):
                 )
             self.nlp[model["lang_code"]] = spacy.load(name, exclude=_SPACY_EXCLUDE)
 
+    person_words: Callable[[str], bool] | None = None
+    """When set, the model runs only on the sentences holding a word for
+    which this returns true (see :func:`could_be_a_name`); the others get no
+    entities. Set it only when ``PERSON`` is the one type the model is
+    needed for: dates, places and organisations need every sentence."""
+
+    def process_text(self, text: str, language: str) -> NlpArtifacts:
+        """Run the NER model on ``text`` (on its candidate sentences only when
+        :attr:`person_words` is set)."""
+        nlp = self.nlp[language]
+        gate = self.person_words
+        if gate is None or not any(c.isupper() for c in text):
+            return self._doc_to_nlp_artifact(nlp(text), language)
+        regions = candidate_sentences(text, gate)
+        if regions == [(0, len(text))]:
+            return self._doc_to_nlp_artifact(nlp(text), language)
+        ner = nlp.get_pipe("ner")
+        parts = ner.pipe(nlp.make_doc(text[a:b]) for a, b in regions)
+        ents = [
+            _Entity(e.label_, a + e.start_char, a + e.end_char)
+            for (a, _), part in zip(regions, parts, strict=True)
+            for e in part.ents
+        ]
+        return self._artifacts(ents, language)
+
     def _doc_to_nlp_artifact(self, doc: Any, language: str) -> NlpArtifacts:
         """Entities and tokens only: no lemmas (no lemmatizer runs) and no
         keywords, which only Presidio's lemma-based context enhancer reads
         (veil's enhancer reads the text). Saves about a tenth of the cost."""
+        return self._artifacts(list(doc.ents), language)
+
+    def _artifacts(self, ents: list[Any], language: str) -> NlpArtifacts:
         entities, scores = self._get_updated_entities(
-            list(doc.ents), [self.ner_model_configuration.default_score] * len(doc.ents)
+            ents, [self.ner_model_configuration.default_score] * len(ents)
         )
         return NlpArtifacts(
             entities=entities,
-            tokens=doc,
+            tokens=None,  # type: ignore[arg-type]  # no recognizer in use reads tokens
             tokens_indices=[],
             lemmas=[],
             nlp_engine=None,
             language=language,
             scores=scores,
         )
+
+
+@dataclass(slots=True)
+class _Entity:
+    """What Presidio reads of a spaCy entity span, with offsets in the whole
+    text (``label_`` is rewritten to Presidio's type names)."""
+
+    label_: str
+    start_char: int
+    end_char: int
+
+
+_SENTENCE_END = re.compile(r"[.!?;]+[\"'”’)\]]*\s+|\n\s*")
+_WORD = re.compile(r"[^\W\d_]+")
+_NOT_AN_END = re.compile(
+    r"(?:\b[A-Za-z]|\b(?:" + "|".join(sorted(TITLES)) + r"|st|no|vs|etc|e\.g|i\.e))\.$",
+    re.IGNORECASE,
+)
+
+
+def candidate_sentences(text: str, could_be_name: Callable[[str], bool]) -> list[tuple[int, int]]:
+    """Character ranges of the sentences of ``text`` (ending at ``.``,
+    ``!``, ``?`` or ``;`` before a space, or at a line break; not after an
+    initial or a title: ``Mr. Smith``) holding a word ``could_be_name``
+    accepts. Adjacent candidate sentences are joined, so the model reads
+    them in context; the model's window is a few words wide, so a sentence
+    on its own gets the entities it gets inside the whole text."""
+    regions: list[tuple[int, int]] = []
+    start = 0
+    ends = [
+        m.end()
+        for m in _SENTENCE_END.finditer(text)
+        if not _NOT_AN_END.search(text, 0, m.start() + 1)
+    ]
+    for end in [*ends, len(text)]:
+        if end <= start:
+            continue
+        if any(could_be_name(w.group()) for w in _WORD.finditer(text, start, end)):
+            if regions and regions[-1][1] == start:
+                regions[-1] = (regions[-1][0], end)
+            else:
+                regions.append((start, end))
+        start = end
+    return regions
 
 
 class OfflineEmailRecognizer(EmailRecognizer):
@@ -273,6 +360,8 @@ class Detector:
             ),
         )
         nlp_engine.load()
+        if not set(self.entities) & (set(NER_MAPPING.values()) - {"PERSON"}):
+            nlp_engine.person_words = could_be_a_name(english_words(settings.spacy_model))
         self.engine = AnalyzerEngine(
             registry=_registry(settings),
             nlp_engine=nlp_engine,

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import gzip
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from functools import cache
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
@@ -35,7 +35,10 @@ from .tokens import Token, tokenize, words
 
 __all__ = [
     "PARTICLES",
+    "TITLES",
     "VeilNameRecognizer",
+    "could_be_a_name",
+    "english_word_test",
     "english_words",
     "family_names",
     "given_names",
@@ -152,6 +155,48 @@ def english_words(model: str) -> frozenset[str]:
 
 
 _SUFFIXES = ("ies", "es", "s", "ed", "d", "ing", "ly", "er", "est", "'s", "’s")
+
+
+def english_word_test(lexicon: frozenset[str]) -> Callable[[str], bool]:
+    """A cached test: is this case-folded word English (in ``lexicon``, a
+    stop word, or an inflection of a lexicon word: ``users``, ``killed``)?"""
+
+    @lru_cache(maxsize=100_000)
+    def english(folded: str) -> bool:
+        return (
+            folded in lexicon
+            or folded in STOP_WORDS
+            or any(
+                folded.endswith(suffix) and folded[: -len(suffix)] in lexicon
+                for suffix in _SUFFIXES
+            )
+        )
+
+    return english
+
+
+def could_be_a_name(lexicon: frozenset[str]) -> Callable[[str], bool]:
+    """A test for words that may be (part of) a person's name in cased text:
+    capitalised (``Zoe``, ``McDonald``; in all capitals only when it is a
+    known name: ``ZOE`` but not ``HTTP``), not a stop word, and either a
+    known given or family name or not an English word (``Kaczmarek``, but
+    not ``Users``)."""
+    names = given_names() | family_names()
+    english = english_word_test(lexicon)
+
+    def test(word: str) -> bool:
+        if not word[0].isupper():
+            return False
+        folded = word.casefold()
+        if folded in STOP_WORDS or folded in _NEVER_ALONE:
+            return False  # "Sunday", "Street": with a name next to it, that one counts
+        if folded in names:
+            return True
+        return not word.isupper() and not english(folded)
+
+    return test
+
+
 _NAME_PREFIXES = re.compile(r"^(?:Mc|Mac|De|Di|Da|Du|La|Le|Van|Von|Fitz|O['’])[A-Z]")
 
 
@@ -192,7 +237,7 @@ class VeilNameRecognizer(EntityRecognizer):
         self, supported_language: str = "en", lexicon: frozenset[str] = frozenset()
     ) -> None:
         self.lexicon = lexicon
-        self._english_cache: dict[str, bool] = {}
+        self._english = english_word_test(lexicon)
         super().__init__(
             supported_entities=["PERSON"],
             name="VeilNameRecognizer",
@@ -237,21 +282,6 @@ class VeilNameRecognizer(EntityRecognizer):
             recognizer=self.name, original_score=score, textual_explanation="name heuristics"
         )
         return RecognizerResult("PERSON", start, end, score, analysis_explanation=explanation)
-
-    def _english(self, folded: str) -> bool:
-        known = self._english_cache.get(folded)
-        if known is None:
-            known = (
-                folded in self.lexicon
-                or folded in STOP_WORDS
-                or any(
-                    folded.endswith(suffix) and folded[: -len(suffix)] in self.lexicon
-                    for suffix in _SUFFIXES
-                )
-            )
-            if len(self._english_cache) < 100_000:
-                self._english_cache[folded] = known
-        return known
 
     def _score(
         self,
