@@ -31,7 +31,10 @@ class MockSettings:
     POST body received is kept in ``received`` (raw bytes), for tests that
     check what reached the upstream. With ``reply``, chat calls answer as if
     the last user message had been ``reply`` (tools ignored): a way to make
-    the model "say" something the request did not contain."""
+    the model "say" something the request did not contain. With ``usage``
+    (``{"prompt_tokens": P, "completion_tokens": C}``), chat answers report
+    that usage instead of the model's count (streams: in the usage chunk
+    when asked for; with ``stream_usage=False``, never)."""
 
     latency_ms: float = 0.0
     chunk_delay_ms: float = 0.0
@@ -40,6 +43,8 @@ class MockSettings:
     seed: int | None = None
     record: bool = False
     reply: str | None = None
+    usage: dict[str, int] | None = None
+    stream_usage: bool = True
     received: list[bytes] = field(default_factory=list)
     stats: dict[str, int] = field(
         default_factory=lambda: {
@@ -123,7 +128,10 @@ class MockUpstream:
             return await _reply(send, 200, orjson.dumps(self.model.embeddings(body)))
         if body.get("stream") is True:
             return await self._stream(body, receive, send)
-        return await _reply(send, 200, orjson.dumps(self.model.chat(body)))
+        answer = self.model.chat(body)
+        if s.usage is not None:
+            answer["usage"] = _fixed_usage(s.usage)
+        return await _reply(send, 200, orjson.dumps(answer))
 
     async def _stream(self, body: dict[str, Any], receive: Any, send: Any) -> None:
         s = self.settings
@@ -132,6 +140,11 @@ class MockUpstream:
         gone = asyncio.ensure_future(_disconnected(receive))
         try:
             for chunk in self.model.chat_chunks(body):
+                if chunk.get("usage"):
+                    if not s.stream_usage:
+                        continue
+                    if s.usage is not None:
+                        chunk["usage"] = _fixed_usage(s.usage)
                 if delay:
                     await asyncio.sleep(delay)
                 if gone.done():
@@ -155,6 +168,11 @@ class MockUpstream:
 async def _disconnected(receive: Any) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+def _fixed_usage(usage: dict[str, int]) -> dict[str, int]:
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _error(message: str, code: str) -> bytes:

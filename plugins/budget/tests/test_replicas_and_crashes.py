@@ -1,0 +1,211 @@
+"""The bound across gateway processes: two replicas sharing one real
+``redis-server``, a gateway killed with SIGKILL under load, and the tools
+around the store (tiktoken with the network blocked, ``veil budget``)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from budgettest import CALL_USD, burst, fixed_usage, run
+
+from veil.testing import ADMIN_KEY, GatewayProcess, PolicyKit, RedisServer, ServerThread
+
+FIT = 50
+
+
+def _team_budget(limit_usd: float) -> dict[str, object]:
+    return {"scope": "team", "id": "test", "period": "month", "limit_usd": limit_usd}
+
+
+def _spend(url: str) -> dict[str, object]:
+    r = httpx.get(url + "/admin/spend", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_two_replicas_sharing_redis_hold_the_limit_together(
+    budget_policy: Callable[..., Path],
+    policy_kit: PolicyKit,
+    mock_upstream: ServerThread,
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    redis_server.command("FLUSHALL")
+    fixed_usage(mock_upstream)
+    mock_upstream.app.settings.latency_ms = 20  # calls overlap across the replicas
+    policy = budget_policy(store="redis", budgets=[_team_budget(FIT * CALL_USD)])
+    env = {"VEIL_BUDGET_REDIS_URL": redis_server.url}
+    replicas = [
+        GatewayProcess(policy, policy_kit.public_key_path, state_dir=tmp_path / f"s{i}", env=env)
+        for i in range(2)
+    ]
+    try:
+        for r in replicas:
+            r.wait_ready(60)
+
+        async def both() -> list[object]:
+            import asyncio
+
+            a, b = await asyncio.gather(*(burst(r.url, 100) for r in replicas))
+            return [*a, *b]
+
+        results = run(both())
+        served = [r for r in results if isinstance(r, str)]
+        refused = [r for r in results if not isinstance(r, str)]
+        assert len(served) == FIT
+        assert all(
+            isinstance(e, openai.RateLimitError) and e.code == "budget_exceeded" for e in refused
+        )
+        for r in replicas:  # both replicas see the one shared total
+            report = _spend(r.url)
+            assert report["calls"] == FIT
+            assert report["total_usd"] == pytest.approx(FIT * CALL_USD)
+            (status,) = report["budgets"][:1]
+            assert status["spent_usd"] <= FIT * CALL_USD + 1e-9
+            assert status["reserved_usd"] == 0
+    finally:
+        for r in replicas:
+            r.stop()
+
+
+def test_a_replica_that_loses_redis_refuses(
+    budget_policy: Callable[..., Path],
+    policy_kit: PolicyKit,
+    mock_upstream: ServerThread,
+    tmp_path: Path,
+) -> None:
+    with RedisServer() as own:
+        policy = budget_policy(store="redis", budgets=[_team_budget(10.0)])
+        env = {"VEIL_BUDGET_REDIS_URL": own.url}
+        with GatewayProcess(policy, policy_kit.public_key_path, state_dir=tmp_path, env=env) as gw:
+            served = run(burst(gw.url, 3))
+            assert all(isinstance(r, str) for r in served)
+            own.stop()
+            (lost,) = run(burst(gw.url, 1))
+            assert isinstance(lost, openai.APIStatusError)
+            assert lost.status_code == 503 and lost.code == "budget_unavailable"
+
+
+def test_kill_9_under_load_keeps_committed_spend(
+    budget_policy: Callable[..., Path],
+    policy_kit: PolicyKit,
+    mock_upstream: ServerThread,
+    tmp_path: Path,
+) -> None:
+    fixed_usage(mock_upstream)
+    mock_upstream.app.settings.latency_ms = 10
+    state = tmp_path / "state"
+    policy = budget_policy(budgets=[_team_budget(1000 * CALL_USD)], sqlite_path="budget.sqlite3")
+    gw = GatewayProcess(policy, policy_kit.public_key_path, state_dir=state).wait_ready(60)
+    served: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-veil-test-key", max_retries=0) as c:
+            while not stop.is_set():
+                try:
+                    c.chat.completions.create(
+                        model="priced", messages=[{"role": "user", "content": "hi"}], max_tokens=100
+                    )
+                    served.append("ok")
+                except (openai.APIError, httpx.HTTPError):
+                    return
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while len(served) < 60 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    gw.send_signal(signal.SIGKILL)
+    gw.wait(10)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    gw.stop()
+    assert len(served) >= 60
+    with GatewayProcess(policy, policy_kit.public_key_path, state_dir=state) as again:
+        report = _spend(again.url)
+    # every call the clients saw answered was settled before its answer left
+    assert report["calls"] >= len(served)
+    assert report["total_usd"] >= len(served) * CALL_USD - 1e-9
+    # and nothing more than the calls that reached the upstream
+    assert report["calls"] <= mock_upstream.app.settings.stats["requests"]
+
+
+def test_tiktoken_counts_with_the_network_blocked(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import socket
+        def refuse(*args, **kwargs):
+            raise OSError("network blocked by the test")
+        socket.socket.connect = refuse
+        socket.create_connection = refuse
+        socket.getaddrinfo = refuse
+        from veil_budget.tokens import count_tokens
+        print(count_tokens("Hello, world! Budgets hold."))
+        """
+    )
+    env_cache = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache")}
+    import os
+
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env_cache},
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == 8  # Hello , world ! Budget s hold .
+
+
+def test_veil_budget_report_and_reset(
+    budget_gateway: Callable[..., ServerThread],
+    budget_policy: Callable[..., Path],
+    mock_upstream: ServerThread,
+    tmp_path: Path,
+) -> None:
+    fixed_usage(mock_upstream)
+    policy = budget_policy(budgets=[_team_budget(3 * CALL_USD)], sqlite_path="b.sqlite3")
+    import veil_budget
+
+    gw = budget_gateway(
+        budgets=[_team_budget(3 * CALL_USD)], sqlite_path=str(tmp_path / "b.sqlite3")
+    )
+    served = run(burst(gw.url, 5))
+    assert sum(isinstance(r, str) for r in served) == 3
+
+    def veil(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "veil", "budget", *args, "--policy", str(policy),
+             "--state-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    out = veil("report", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["calls"] == 3 and report["by_team"][0]["team"] == "test"
+    assert report["total_usd"] == pytest.approx(3 * CALL_USD)
+    text = veil("report", "--by", "model")
+    assert "priced" in text.stdout and "3 calls" in text.stdout
+    out = veil("reset", "--scope", "team", "--id", "test", "--yes")
+    assert out.returncode == 0, out.stderr
+    assert "reset 1 budget period" in out.stdout
+    # the serving gateway sees the reset on its next call
+    served = run(burst(gw.url, 5))
+    assert sum(isinstance(r, str) for r in served) == 3
+    assert veil("report", "--since", "not-a-day").returncode == 2
+    assert veil_budget.__version__ == "0.1.0"

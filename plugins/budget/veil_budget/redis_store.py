@@ -1,0 +1,556 @@
+"""The Redis store: budgets and rate limits shared by every gateway replica.
+
+Every operation that changes state is one Lua script (registered once, run
+with ``EVALSHA``), so it is atomic across replicas; "now" is the Redis
+server's ``TIME``, so replicas with skewed clocks agree on refills, expiry
+and the report's day. Redis errors (unreachable, timed out, ...) propagate
+unchanged and are never retried, so a script never runs twice.
+
+Key layout (``P`` is the prefix, ``veil:budget`` by default; ``{b}`` is a
+literal Redis Cluster hash tag: every key lives in one slot, so the scripts
+are cluster-safe)::
+
+    P:{b}:c:<counter key>   hash  spent, reserved   one budget in its period
+                                  (e.g. P:{b}:c:team:alpha:month:2026-11);
+                                  no TTL: spend survives
+    P:{b}:t:<bucket key>    hash  tokens, ts        a token bucket refilled to
+                                  ts (server seconds); expires once it would be
+                                  full again (a missing bucket is a full one)
+    P:{b}:r:<rid>           hash  amount, counters, buckets   a reservation in
+                                  flight: its counter keys and the token
+                                  buckets it took from ([key, take, capacity,
+                                  window_s]), JSON
+    P:{b}:expiry            zset  rid -> deadline (server seconds)
+    P:{b}:day:<YYYY-MM-DD>  hash  the spend report of a UTC day, 4 fields per
+                                  (team, key_id, user, model): the JSON array
+                                  of the four, then \\x1f, then ``cost``,
+                                  ``calls``, ``prompt`` or ``completion``;
+                                  expires 400 days after its last write
+    P:{b}:days              zset  the days that have a report (all scored 0,
+                                  so ``ZRANGEBYLEX`` selects days >= since)
+
+Every script first expires the reservations whose deadline has passed (their
+amounts leave the counters' reserved totals, their token buckets get back
+what they took, as a release would). A reservation hash has no TTL of its
+own: the expiry sweep alone removes it, so its amount can never be lost
+while still counted as reserved.
+
+Money is counted in Redis with ``HINCRBY`` (exact 64-bit integers) and
+compared in Lua as (dollars, nanos) pairs, so the limit check is exact beyond
+the 2**53 that Lua's doubles hold. Needs Redis 5 or later (scripts replicated
+by effects, so ``TIME`` may come before writes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+
+from .store import Bucket, BucketState, Counter, Denied, Granted, SpendRow, Usage
+
+__all__ = ["RedisStore"]
+
+KEEP_DAYS = 400
+"""Days a spend report stays in Redis after its last write."""
+
+_SEP = "\x1f"
+_RESET_BATCH = 1000
+
+# Prepended to every script. ARGV[1] is always the key base ``P:{b}:``. Keys a
+# script learns while it runs (expired reservations' counters and buckets, the
+# day's report) are built from the base: they share the hash tag, so they live
+# in the slot of the declared KEYS.
+_LIB = """
+local base = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local MAX_MS = 400 * 86400 * 1000
+
+local function num(x)
+  return string.format('%.17g', x)
+end
+
+-- A money string (nano-dollars, up to 2^63) as (dollars, nanos): each part
+-- is exact in a double, which the whole is not beyond 2^53.
+local function money(s)
+  if not s then return 0, 0 end
+  local sign = 1
+  if string.sub(s, 1, 1) == '-' then
+    sign = -1
+    s = string.sub(s, 2)
+  end
+  local hi = 0
+  if #s > 9 then hi = tonumber(string.sub(s, 1, -10)) end
+  return sign * hi, sign * tonumber(string.sub(s, -9))
+end
+
+-- spent + reserved + amount <= limit, exactly.
+local function fits(spent, reserved, amount, limit)
+  local h1, l1 = money(spent)
+  local h2, l2 = money(reserved)
+  local h3, l3 = money(amount)
+  local h4, l4 = money(limit)
+  local hi, lo = h1 + h2 + h3 - h4, l1 + l2 + l3 - l4
+  local carry = math.floor(lo / 1000000000)
+  hi, lo = hi + carry, lo - carry * 1000000000
+  return hi < 0 or (hi == 0 and lo == 0)
+end
+
+-- 'YYYY-MM-DD' of a count of days since 1970-01-01 (proleptic Gregorian).
+local function civil(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return string.format('%04d-%02d-%02d', y, m, d)
+end
+
+-- The tokens of a bucket refilled to now, capped at capacity.
+local function level(key, cap, win)
+  local st = redis.call('HMGET', key, 'tokens', 'ts')
+  if not st[1] then return cap end
+  local elapsed = math.max(0, now - tonumber(st[2]))
+  return math.min(cap, tonumber(st[1]) + elapsed * cap / win)
+end
+
+-- Store a bucket's tokens as of now; it expires once it would be full.
+local function put(key, tokens, cap, win)
+  if tokens >= cap then
+    redis.call('DEL', key)
+    return
+  end
+  redis.call('HSET', key, 'tokens', num(tokens), 'ts', num(now))
+  local ms = math.ceil((cap - tokens) * win / cap * 1000) + 1000
+  redis.call('PEXPIRE', key, string.format('%d', math.min(ms, MAX_MS)))
+end
+
+-- Forget reservation rid: its amount leaves its counters' reserved totals;
+-- its token buckets get back what it took minus used (nil: nothing).
+local function drop(rid, used)
+  local rkey = base .. 'r:' .. rid
+  local rec = redis.call('HMGET', rkey, 'amount', 'counters', 'buckets')
+  redis.call('ZREM', base .. 'expiry', rid)
+  if not rec[1] then return end
+  redis.call('DEL', rkey)
+  if rec[1] ~= '0' then
+    for _, c in ipairs(cjson.decode(rec[2])) do
+      redis.call('HINCRBY', base .. 'c:' .. c, 'reserved', '-' .. rec[1])
+    end
+  end
+  if used then
+    for _, b in ipairs(cjson.decode(rec[3])) do
+      local back = b[2] - used
+      if back ~= 0 then
+        local key = base .. 't:' .. b[1]
+        put(key, math.min(b[3], level(key, b[3], b[4]) + back), b[3], b[4])
+      end
+    end
+  end
+end
+
+-- Expire the reservations whose deadline has passed (as a release would).
+local function sweep()
+  local due = redis.call('ZRANGEBYSCORE', base .. 'expiry', '-inf', num(now))
+  for _, rid in ipairs(due) do drop(rid, 0) end
+end
+"""
+
+# KEYS: expiry, reservation, counters..., buckets...
+# ARGV: base, rid, amount, ttl_s, record counters (JSON), record buckets (JSON),
+#       number of counters, their limits, then capacity, take, window_s per bucket.
+# Returns {'budget', i, spent, reserved} | {'rate', j, retry_after_s}
+#       | {'ok', spent, reserved per counter..., tokens per bucket...}.
+# A rid already reserved is not taken again (a retried call): it gets 'ok'
+# with the current state.
+_RESERVE = (
+    _LIB
+    + """
+sweep()
+local amount = ARGV[3]
+local nc = tonumber(ARGV[7])
+local nb = #KEYS - 2 - nc
+local again = redis.call('EXISTS', KEYS[2]) == 1
+if not again then
+  for i = 1, nc do
+    local v = redis.call('HMGET', KEYS[2 + i], 'spent', 'reserved')
+    if not fits(v[1], v[2], amount, ARGV[7 + i]) then
+      return {'budget', i, v[1] or '0', v[2] or '0'}
+    end
+  end
+end
+local levels = {}
+for j = 1, nb do
+  local a = 7 + nc + 3 * (j - 1)
+  local cap, take, win = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local tokens = level(KEYS[2 + nc + j], cap, win)
+  if not again and tokens < take then
+    return {'rate', j, num((take - tokens) * win / cap)}
+  end
+  levels[j] = tokens
+end
+if not again then
+  for j = 1, nb do
+    local a = 7 + nc + 3 * (j - 1)
+    local cap, take, win = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+    levels[j] = levels[j] - take
+    put(KEYS[2 + nc + j], levels[j], cap, win)
+  end
+  if amount ~= '0' then
+    for i = 1, nc do redis.call('HINCRBY', KEYS[2 + i], 'reserved', amount) end
+  end
+  redis.call('HSET', KEYS[2], 'amount', amount, 'counters', ARGV[5], 'buckets', ARGV[6])
+  redis.call('ZADD', KEYS[1], num(now + tonumber(ARGV[4])), ARGV[2])
+end
+local out = {'ok'}
+for i = 1, nc do
+  local v = redis.call('HMGET', KEYS[2 + i], 'spent', 'reserved')
+  out[#out + 1] = v[1] or '0'
+  out[#out + 1] = v[2] or '0'
+end
+for j = 1, nb do out[#out + 1] = num(levels[j]) end
+return out
+"""
+)
+
+# KEYS: expiry, reservation, days, counters...
+# ARGV: base, rid, cost, tokens used ('' = keep what was taken), report field
+#       prefix, prompt tokens, completion tokens, report TTL (s), days kept.
+_SETTLE = (
+    _LIB
+    + """
+sweep()
+local used = nil
+if ARGV[4] ~= '' then used = tonumber(ARGV[4]) end
+drop(ARGV[2], used)
+local cost = ARGV[3]
+if cost ~= '0' then
+  for i = 4, #KEYS do redis.call('HINCRBY', KEYS[i], 'spent', cost) end
+end
+local dayno = math.floor(tonumber(t[1]) / 86400)
+local day = civil(dayno)
+local dkey = base .. 'day:' .. day
+local f = ARGV[5]
+redis.call('HINCRBY', dkey, f .. 'cost', cost)
+redis.call('HINCRBY', dkey, f .. 'calls', 1)
+redis.call('HINCRBY', dkey, f .. 'prompt', ARGV[6])
+redis.call('HINCRBY', dkey, f .. 'completion', ARGV[7])
+redis.call('EXPIRE', dkey, ARGV[8])
+redis.call('ZADD', KEYS[3], 0, day)
+redis.call('ZREMRANGEBYLEX', KEYS[3], '-', '(' .. civil(dayno - tonumber(ARGV[9])))
+return 1
+"""
+)
+
+# KEYS: expiry, reservation. ARGV: base, rid.
+_RELEASE = (
+    _LIB
+    + """
+sweep()
+drop(ARGV[2], 0)
+return 1
+"""
+)
+
+# KEYS: expiry, counters... ARGV: base. Returns spent, reserved per counter.
+_SPENT = (
+    _LIB
+    + """
+sweep()
+local out = {}
+for i = 2, #KEYS do
+  local v = redis.call('HMGET', KEYS[i], 'spent', 'reserved')
+  out[#out + 1] = v[1] or '0'
+  out[#out + 1] = v[2] or '0'
+end
+return out
+"""
+)
+
+# KEYS: days. ARGV: base, first day ('-': all, '[YYYY-MM-DD': from that day).
+# Returns day, HGETALL of its report, per day.
+_REPORT = (
+    _LIB
+    + """
+local out = {}
+for _, day in ipairs(redis.call('ZRANGEBYLEX', KEYS[1], ARGV[2], '+')) do
+  out[#out + 1] = day
+  out[#out + 1] = redis.call('HGETALL', base .. 'day:' .. day)
+end
+return out
+"""
+)
+
+# KEYS: counters. ARGV: base. Sets spent to 0 where it is not; returns how many.
+_RESET = (
+    _LIB
+    + """
+local n = 0
+for i = 1, #KEYS do
+  local s = redis.call('HGET', KEYS[i], 'spent')
+  if s and s ~= '0' then
+    redis.call('HSET', KEYS[i], 'spent', '0')
+    n = n + 1
+  end
+end
+return n
+"""
+)
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis ``MATCH`` pattern."""
+    return "".join("\\" + ch if ch in "\\*?[]" else ch for ch in text)
+
+
+def _merge_counters(counters: list[Counter]) -> dict[str, int]:
+    """Counter key -> limit; a key listed twice gets the smaller limit."""
+    limits: dict[str, int] = {}
+    for c in counters:
+        limits[c.key] = min(c.limit, limits.get(c.key, c.limit))
+    return limits
+
+
+def _merge_buckets(buckets: list[Bucket]) -> dict[str, Bucket]:
+    """Bucket key -> bucket; a key listed twice is one bucket taken from
+    twice: the takes add up, the smaller capacity and the longer window apply."""
+    merged: dict[str, Bucket] = {}
+    for b in buckets:
+        if b.capacity <= 0 or b.window_s <= 0 or b.take < 0:
+            raise ValueError(f"bad bucket {b!r}: capacity and window_s > 0, take >= 0")
+        seen = merged.get(b.key)
+        if seen is not None:
+            b = Bucket(
+                b.key,
+                min(seen.capacity, b.capacity),
+                seen.take + b.take,
+                max(seen.window_s, b.window_s),
+            )
+        merged[b.key] = b
+    return merged
+
+
+class RedisStore:
+    """A :class:`~veil_budget.store.Store` in Redis, shared by replicas (see
+    the module doc for the key layout and the scripts).
+
+    Every method is one round trip (``reset``: a ``SCAN`` then one script per
+    1000 counters) and atomic with respect to every other replica's calls.
+    Redis errors propagate (``redis.exceptions.ConnectionError``,
+    ``TimeoutError``, ...); nothing is retried.
+
+    :param url: ``redis://`` or ``rediss://`` URL.
+    :param prefix: the keys' prefix; must not hold ``{`` or ``}`` (the hash
+        tag ``{b}`` follows it).
+    :param timeout_s: connect and socket timeout, so a hung Redis fails the
+        call instead of hanging it; also the longest wait for a free
+        connection when ``max_connections`` are busy.
+    :param max_connections: the size of the connection pool; more calls at
+        once wait for a connection (each script takes well under a
+        millisecond) instead of failing.
+    :raises ValueError: a prefix with braces.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "veil:budget",
+        timeout_s: float = 2.0,
+        max_connections: int = 50,
+    ) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"the Redis key prefix {prefix!r} must not contain {{ or }}")
+        self.prefix = prefix
+        self.base = f"{prefix}:{{b}}:"
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
+        )
+        self.client: redis.Redis = redis.Redis.from_pool(pool)
+        register = self.client.register_script
+        self._reserve: AsyncScript = register(_RESERVE)
+        self._settle: AsyncScript = register(_SETTLE)
+        self._release: AsyncScript = register(_RELEASE)
+        self._spent: AsyncScript = register(_SPENT)
+        self._report: AsyncScript = register(_REPORT)
+        self._reset: AsyncScript = register(_RESET)
+
+    # -- keys -------------------------------------------------------------------
+
+    def counter_key(self, key: str) -> str:
+        """The Redis key of the counter ``key``."""
+        return f"{self.base}c:{key}"
+
+    def bucket_key(self, key: str) -> str:
+        """The Redis key of the token bucket ``key``."""
+        return f"{self.base}t:{key}"
+
+    def _reservation_keys(self, rid: str) -> list[str]:
+        return [f"{self.base}expiry", f"{self.base}r:{rid}"]
+
+    # -- the Store protocol ---------------------------------------------------------
+
+    async def reserve(
+        self,
+        rid: str,
+        amount: int,
+        counters: list[Counter],
+        buckets: list[Bucket],
+        ttl_s: float,
+    ) -> Granted | Denied:
+        """See :meth:`veil_budget.store.Store.reserve`. Counters are checked
+        before buckets; the first that refuses is the :class:`Denied` one. A
+        ``rid`` already reserved (and not yet settled, released or expired)
+        is not taken again: the call gets :class:`Granted` with the current
+        totals.
+
+        :raises ValueError: a negative ``amount``, a ``ttl_s`` not positive,
+            or a bucket with a capacity or window not positive.
+        """
+        if amount < 0:
+            raise ValueError(f"amount must be >= 0, not {amount}")
+        if not ttl_s > 0:
+            raise ValueError(f"ttl_s must be positive, not {ttl_s}")
+        limits = _merge_counters(counters)
+        merged = _merge_buckets(buckets)
+        record = [[b.key, b.take, b.capacity, b.window_s] for b in merged.values() if b.take > 1]
+        keys = self._reservation_keys(rid)
+        keys += [self.counter_key(k) for k in limits]
+        keys += [self.bucket_key(k) for k in merged]
+        args: list[str | int | float] = [
+            self.base,
+            rid,
+            str(int(amount)),
+            repr(float(ttl_s)),
+            json.dumps(list(limits), ensure_ascii=False),
+            json.dumps(record, ensure_ascii=False),
+            len(limits),
+        ]
+        args += [str(int(limit)) for limit in limits.values()]
+        for b in merged.values():
+            args += [b.capacity, b.take, repr(float(b.window_s))]
+        reply: Any = await self._reserve(keys=keys, args=args)
+        if reply[0] == "budget":
+            key = list(limits)[int(reply[1]) - 1]
+            return Denied("budget", key, None, int(reply[2]) + int(reply[3]))
+        if reply[0] == "rate":
+            key = list(merged)[int(reply[1]) - 1]
+            return Denied("rate", key, float(reply[2]))
+        values = reply[1:]
+        committed = {
+            key: int(values[2 * i]) + int(values[2 * i + 1]) for i, key in enumerate(limits)
+        }
+        states: dict[str, BucketState] = {}
+        for j, b in enumerate(merged.values()):
+            tokens = float(values[2 * len(limits) + j])
+            reset_s = max(0.0, (b.capacity - tokens) * b.window_s / b.capacity)
+            states[b.key] = BucketState(max(0, math.floor(tokens)), reset_s)
+        return Granted(committed, states)
+
+    async def settle(
+        self, rid: str, cost: int, counters: list[str], tokens: int | None, usage: Usage
+    ) -> None:
+        """See :meth:`veil_budget.store.Store.settle`. The report's day is the
+        Redis server's UTC day.
+
+        :raises ValueError: a negative ``cost``.
+        """
+        if cost < 0:
+            raise ValueError(f"cost must be >= 0, not {cost}")
+        ident = [usage.team, usage.key_id, usage.user, usage.model]
+        # JSON escapes every control character, so the separator cannot occur in it
+        field = json.dumps(ident, ensure_ascii=False, separators=(",", ":")) + _SEP
+        keys = [*self._reservation_keys(rid), f"{self.base}days"]
+        keys += [self.counter_key(k) for k in dict.fromkeys(counters)]
+        args: list[str | int] = [
+            self.base,
+            rid,
+            str(int(cost)),
+            "" if tokens is None else str(int(tokens)),
+            field,
+            int(usage.prompt_tokens),
+            int(usage.completion_tokens),
+            KEEP_DAYS * 86400,
+            KEEP_DAYS,
+        ]
+        await self._settle(keys=keys, args=args)
+
+    async def release(self, rid: str) -> None:
+        """See :meth:`veil_budget.store.Store.release`."""
+        await self._release(keys=self._reservation_keys(rid), args=[self.base, rid])
+
+    async def spent(self, keys: list[str]) -> dict[str, tuple[int, int]]:
+        """See :meth:`veil_budget.store.Store.spent`. Expired reservations are
+        expired first, so ``reserved`` counts only live ones."""
+        unique = list(dict.fromkeys(keys))
+        redis_keys = [f"{self.base}expiry"] + [self.counter_key(k) for k in unique]
+        values: Any = await self._spent(keys=redis_keys, args=[self.base])
+        return {key: (int(values[2 * i]), int(values[2 * i + 1])) for i, key in enumerate(unique)}
+
+    async def report(self, since: str | None = None) -> list[SpendRow]:
+        """See :meth:`veil_budget.store.Store.report`. Rows come sorted by
+        day, team, key, user and model; ``since`` compares as a string (like
+        the SQLite store: ``2026-11`` selects November 2026 onwards)."""
+        first = "-" if since is None else "[" + since
+        reply: Any = await self._report(keys=[f"{self.base}days"], args=[self.base, first])
+        rows: list[SpendRow] = []
+        for d in range(0, len(reply), 2):
+            day, flat = reply[d], reply[d + 1]
+            sums: dict[tuple[str, ...], dict[str, int]] = {}
+            for f in range(0, len(flat), 2):
+                head, _, kind = flat[f].rpartition(_SEP)
+                ident = tuple(json.loads(head))
+                sums.setdefault(ident, {})[kind] = int(flat[f + 1])
+            for (team, key_id, user, model), v in sums.items():
+                rows.append(
+                    SpendRow(
+                        day,
+                        team,
+                        key_id,
+                        user,
+                        model,
+                        v.get("cost", 0),
+                        v.get("calls", 0),
+                        v.get("prompt", 0),
+                        v.get("completion", 0),
+                    )
+                )
+        rows.sort(key=lambda r: (r.day, r.team, r.key_id, r.user, r.model))
+        return rows
+
+    async def reset(self, pattern: str) -> int:
+        """See :meth:`veil_budget.store.Store.reset`. ``pattern`` is a glob
+        over counter keys as in the SQLite store's ``GLOB``: ``*``, ``?`` and
+        ``[...]`` (a backslash is literal). Counts the counters whose spent
+        was not already 0. Each batch of 1000 counters is reset atomically;
+        a counter created after the ``SCAN`` passed is not reset."""
+        match = _glob_escape(self.counter_key("")) + pattern.replace("\\", "\\\\")
+        found = [key async for key in self.client.scan_iter(match=match, count=1000)]
+        unique = list(dict.fromkeys(found))
+        count = 0
+        for i in range(0, len(unique), _RESET_BATCH):
+            batch = unique[i : i + _RESET_BATCH]
+            count += int(await self._reset(keys=batch, args=[self.base]))
+        return count
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.client.aclose()

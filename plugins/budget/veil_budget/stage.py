@@ -1,0 +1,462 @@
+"""The ``budget`` stage: reserve the worst case, serve, settle the real cost.
+
+``on_request``:
+
+1. bounds the call's output: a chat call that asks for no ``max_tokens`` /
+   ``max_completion_tokens`` gets ``max_completion_tokens =
+   default_max_tokens``; a per-call cap (``max_call_usd``) lowers it further
+   when the worst case would cost more;
+2. prices the worst case: an upper bound on the prompt tokens
+   (:mod:`veil_budget.tokens`) at the highest input price, plus the output
+   cap times ``n`` at the highest output price, over the deployments the
+   call may reach (its route; without one, every deployment its team may
+   use);
+3. reserves it on every budget that applies (gateway, team, key, user) and
+   takes from the rate-limit buckets, in one atomic step of the store; a
+   budget that cannot fit refuses with 429 ``insufficient_quota`` /
+   ``budget_exceeded`` naming it, a bucket with 429 ``rate_limit_exceeded``
+   and ``Retry-After``; nothing is taken then;
+4. sets the response headers: OpenAI's ``x-ratelimit-*`` and
+   ``x-veil-budget-remaining-usd`` (and ``x-veil-budget-soft-limit`` once a
+   soft limit is passed).
+
+``on_response`` settles the cost from the upstream's ``usage`` at the
+deployment's prices (counted with tiktoken when a stream had none) and
+releases the rest; a call a stage answered (a cache hit) costs nothing.
+``on_error`` settles what the upstream already spent (usage known, or the
+part of a stream that was produced) and releases the rest; a call that
+never reached the upstream gives its whole reservation back.
+
+If the store cannot be reached, the call is refused (503
+``budget_unavailable``), unless the policy runs the plugin with ``fail =
+"open"``: then it is served unmetered, logged and counted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from veil import BadRequest, Call, GatewayError, Refused
+from veil.types import Chunk, Deployment
+from veil.types import Usage as CallUsage
+
+from .metrics import BudgetMetrics
+from .rules import Applied, applicable, period_end, rate_buckets
+from .settings import BudgetSettings, RateLimitRule
+from .store import NANO, BucketState, Denied, Store, Usage
+from .tokens import count_tokens, prompt_text, prompt_token_bound
+
+__all__ = ["BudgetStage", "open_store"]
+
+log = structlog.get_logger("veil.budget")
+
+_STATE = "budget"
+
+
+class Unavailable(GatewayError):
+    """503 ``budget_unavailable``: the store cannot be reached."""
+
+    status = 503
+    type = "server_error"
+    code = "budget_unavailable"
+
+
+def open_store(settings: BudgetSettings) -> Store:
+    """The store the settings name (SQLite file or Redis URL from the environment).
+
+    :raises ValueError: the Redis URL variable is not set.
+    :raises StoreBusy: another process owns the SQLite file.
+    """
+    if settings.store == "redis":
+        url = os.environ.get(settings.redis_url_env)
+        if not url:
+            raise ValueError(
+                f'[budget] store = "redis" needs the Redis URL in ${settings.redis_url_env}'
+            )
+        from .redis_store import RedisStore
+
+        return RedisStore(url)
+    from .sqlite_store import open_sqlite
+
+    return open_sqlite(sqlite_path(settings))
+
+
+def sqlite_path(settings: BudgetSettings) -> Path:
+    """The SQLite file: absolute, or under ``$VEIL_STATE_DIR`` (else the working directory)."""
+    path = Path(settings.sqlite_path)
+    if not path.is_absolute():
+        path = Path(os.environ.get("VEIL_STATE_DIR") or ".") / path
+    return path
+
+
+def _usd(nanos: int) -> str:
+    return f"{max(nanos, 0) / NANO:.6f}"
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: ``120ms``, ``1s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    minutes, secs = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+class BudgetStage:
+    """See the module doc. One per policy load; the store is shared."""
+
+    name = "budget"
+
+    def __init__(self, settings: BudgetSettings, *, fail_open: bool = False) -> None:
+        self.settings = settings
+        self.fail_open = fail_open
+        self.active = bool(settings.budgets or settings.rate_limits)
+        self.store: Store | None = None
+        self.metrics: BudgetMetrics | None = None
+
+    async def start(self, metrics: BudgetMetrics | None = None) -> None:
+        """Open the store (see :func:`open_store`)."""
+        self.metrics = metrics
+        if self.store is None:
+            self.store = open_store(self.settings)
+
+    async def close(self) -> None:
+        """Close the store (a SQLite file stays open while another policy uses it)."""
+        if self.store is not None:
+            store, self.store = self.store, None
+            await store.close()
+
+    # -- request ------------------------------------------------------------------
+
+    async def on_request(self, call: Call) -> None:
+        """Bound, price and reserve the call (see the module doc).
+
+        :raises Refused: 429, a budget or rate limit does not fit.
+        :raises BadRequest: 400, the prompt alone exceeds a per-call cap.
+        :raises Unavailable: 503, the store is unreachable (``fail`` closed).
+        """
+        if not self.active:
+            return
+        s = self.settings
+        request = call.request
+        chat = call.kind == "chat"
+        n = request.get("n") if chat else 1
+        n = n if isinstance(n, int) and n > 0 else 1
+        output = _output_cap(call, s.default_max_tokens) if chat else 0
+        in_price, out_price = _worst_prices(call)
+        prompt = prompt_token_bound(call.kind, request, s.image_tokens)
+        applied = applicable(s.budgets, call.principal, dt.datetime.now(dt.UTC))
+        amount = _nanos(prompt, in_price, output * n, out_price)
+        for a in applied:
+            cap = a.rule.max_call_usd
+            if cap is None or amount <= round(cap * NANO):
+                continue
+            room = round(cap * NANO) - _nanos(prompt, in_price, 0, 0)
+            fits = int(room // (n * out_price * 1000)) if out_price and chat else 0
+            if fits < 1:
+                self._count("refused", "per_call")
+                call.decide(self.name, "refused", reason="per_call_cap", budget=a.counter.key)
+                raise BadRequest(
+                    f"this call could cost more than the {a.rule.name} allows per call "
+                    f"(${cap:g}); shorten the prompt",
+                    code="max_call_cost_exceeded",
+                    param="messages" if chat else "input",
+                )
+            output = min(output, fits)
+            _set_output_cap(request, output)
+            amount = _nanos(prompt, in_price, output * n, out_price)
+        tokens = prompt + output * n
+        buckets = rate_buckets(s.rate_limits, call.principal, tokens)
+        for rule, _kind, bucket in buckets:
+            if bucket.take > bucket.capacity:
+                self._count("refused", "rate")
+                raise Refused(
+                    f"this call may use up to {bucket.take} tokens, more than the {rule.scope} "
+                    f"limit of {bucket.capacity} tokens per minute; lower max_tokens or split "
+                    "the prompt",
+                    type="tokens",
+                    code="rate_limit_exceeded",
+                )
+        store = self.store
+        try:
+            if store is None:
+                raise RuntimeError("the budget store is not open")
+            result = await store.reserve(
+                call.id,
+                amount,
+                [a.counter for a in applied],
+                [b for _, _, b in buckets],
+                s.reservation_ttl_s,
+            )
+        except Exception as e:  # noqa: BLE001 - any store failure: refuse or serve unmetered
+            self._count("store_error", "reserve")
+            log.error(
+                "budget_store_failed", request_id=call.id, op="reserve", error=type(e).__name__
+            )
+            if self.fail_open:
+                call.decide(self.name, "unmetered", error=type(e).__name__)
+                return
+            raise Unavailable(
+                "the budget store is unavailable, so the call cannot be metered; the request "
+                "was not forwarded"
+            ) from None
+        if isinstance(result, Denied):
+            self._refuse(call, result, applied, buckets, amount)
+        headers = call.response_headers
+        _rate_headers(headers, buckets, result.buckets)
+        if applied:
+            remaining = min(a.counter.limit - result.committed[a.counter.key] for a in applied)
+            headers["x-veil-budget-remaining-usd"] = _usd(remaining)
+            soft = [
+                a
+                for a in applied
+                if a.soft is not None and result.committed[a.counter.key] > a.soft
+            ]
+            if soft:
+                headers["x-veil-budget-soft-limit"] = "exceeded: " + ", ".join(
+                    a.rule.name for a in soft
+                )
+                for a in soft:
+                    self._count("soft_limit", a.rule.scope)
+                log.warning(
+                    "budget_soft_limit_exceeded",
+                    request_id=call.id,
+                    budgets=[a.counter.key for a in soft],
+                )
+        call.scratch[_STATE] = {
+            "counters": [a.counter.key for a in applied],
+            "amount": amount,
+            "out": [],
+        }
+        call.decide(self.name, "reserved", usd=_usd(amount), budgets=len(applied))
+
+    def _refuse(
+        self,
+        call: Call,
+        denied: Denied,
+        applied: list[Applied],
+        buckets: list[tuple[RateLimitRule, str, Any]],
+        amount: int,
+    ) -> None:
+        if denied.kind == "budget":
+            a = next(a for a in applied if a.counter.key == denied.key)
+            end = period_end(a.rule.period, dt.datetime.now(dt.UTC))
+            when = f"; it resets at {end:%Y-%m-%dT%H:%MZ}" if end else ""
+            self._count("refused", "budget")
+            call.decide(self.name, "refused", reason="budget", budget=denied.key)
+            raise Refused(
+                f"the {a.rule.name} is exhausted: ${denied.committed / NANO:.4f} of "
+                f"${a.rule.limit_usd:g} spent or reserved, and this call may cost up to "
+                f"${amount / NANO:.4f}{when}",
+                type="insufficient_quota",
+                code="budget_exceeded",
+                headers={"x-veil-budget-exceeded": a.rule.name},
+            )
+        rule, kind, bucket = next(b for b in buckets if b[2].key == denied.key)
+        self._count("refused", "rate")
+        call.decide(self.name, "refused", reason="rate", limit=denied.key)
+        wait = denied.retry_after_s or 0.0
+        headers = {
+            f"x-ratelimit-limit-{kind}": str(bucket.capacity),
+            f"x-ratelimit-remaining-{kind}": "0",
+            f"x-ratelimit-reset-{kind}": _duration(wait),
+        }
+        per = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
+        raise Refused(
+            f"rate limit reached for {rule.scope} {_who_label(rule, call)} on {per}: limit "
+            f"{bucket.capacity}, requested {bucket.take}. Please try again in {_duration(wait)}.",
+            retry_after=wait,
+            type=kind,
+            code="rate_limit_exceeded",
+            headers=headers,
+        )
+
+    # -- response -----------------------------------------------------------------
+
+    def wrap_stream(self, call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        """Keep the streamed text, to count it if the stream ends without usage."""
+        mine = call.scratch.get(_STATE)
+        if mine is None:
+            return chunks
+        return _collect(chunks, mine["out"])
+
+    async def on_response(self, call: Call) -> None:
+        """Settle the call's real cost (see the module doc)."""
+        mine = call.scratch.get(_STATE)
+        if mine is not None:
+            await self._settle(call, mine, finished=True)
+
+    async def on_error(self, call: Call, error: GatewayError) -> None:
+        """Settle what the upstream already spent; release the rest."""
+        mine = call.scratch.get(_STATE)
+        if mine is None or mine.get("settled"):
+            return
+        if call.usage is None and call.deployment is None:
+            mine["settled"] = True
+            store = self.store
+            if store is not None:
+                try:
+                    await store.release(call.id)
+                except Exception as e:  # noqa: BLE001 - the reservation expires by itself
+                    self._count("store_error", "release")
+                    log.error(
+                        "budget_store_failed",
+                        request_id=call.id,
+                        op="release",
+                        error=type(e).__name__,
+                    )
+            call.decide(self.name, "released")
+            return
+        await self._settle(call, mine, finished=False)
+
+    async def _settle(self, call: Call, mine: dict[str, Any], *, finished: bool) -> None:
+        mine["settled"] = True
+        usage, counted = _usage(call, mine["out"])
+        dep = call.deployment
+        cost = round(dep.cost(usage) * NANO) if dep is not None else 0
+        model = dep.name if dep is not None else str(call.request.get("model") or "")
+        record = Usage(
+            call.principal.team,
+            call.principal.key_id,
+            call.principal.user or "",
+            model,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        )
+        store = self.store
+        try:
+            if store is None:
+                raise RuntimeError("the budget store is not open")
+            await store.settle(
+                call.id,
+                cost,
+                mine["counters"],
+                usage.prompt_tokens + usage.completion_tokens,
+                record,
+            )
+        except Exception as e:  # noqa: BLE001 - logged loudly with the amount; never raised
+            self._count("store_error", "settle")
+            log.error(
+                "budget_settle_failed",
+                request_id=call.id,
+                error=type(e).__name__,
+                cost_usd=_usd(cost),
+                budgets=mine["counters"],
+            )
+        if self.metrics is not None and cost:
+            self.metrics.spend.labels(call.principal.team, model).inc(cost / NANO)
+        call.decide(
+            self.name,
+            "settled" if finished else "settled_partial",
+            usd=_usd(cost),
+            reserved_usd=_usd(mine["amount"]),
+            counted=counted,
+        )
+
+    def _count(self, what: str, label: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count(what, label)
+
+
+async def _collect(chunks: AsyncIterator[Chunk], out: list[str]) -> AsyncIterator[Chunk]:
+    async for chunk in chunks:
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if isinstance(text, str):
+                out.append(text)
+            for tool in delta.get("tool_calls") or ():
+                args = (tool.get("function") or {}).get("arguments")
+                if isinstance(args, str):
+                    out.append(args)
+        yield chunk
+
+
+def _usage(call: Call, streamed: list[str]) -> tuple[CallUsage, bool]:
+    """The call's usage, and whether veil counted it (no usage from upstream)."""
+    if call.usage is not None:
+        return call.usage, False
+    if call.deployment is None:
+        return CallUsage(), False
+    prompt = count_tokens(prompt_text(call.request)) if call.kind == "chat" else 0
+    if streamed:
+        completion = count_tokens("".join(streamed))
+    else:
+        completion = sum(
+            count_tokens(str((c.get("message") or {}).get("content") or ""))
+            for c in (call.response or {}).get("choices") or ()
+            if isinstance(c, dict)
+        )
+    return CallUsage(prompt, completion, prompt + completion), True
+
+
+def _nanos(prompt: int, in_price: float, output: int, out_price: float) -> int:
+    """Nano-dollars of tokens at prices per million (rounded up)."""
+    return math.ceil((prompt * in_price + output * out_price) * (NANO / 1_000_000))
+
+
+def _worst_prices(call: Call) -> tuple[float, float]:
+    deps: list[Deployment]
+    if call.route is not None and call.route.deployments:
+        deps = call.route.deployments
+    else:
+        team = call.principal.team
+        deps = [d for group in call.policy.models.values() for d in group if d.allows(team)]
+    if not deps:
+        return 0.0, 0.0
+    return (
+        max(max(d.input_per_mtok, d.cached_input_per_mtok or 0.0) for d in deps),
+        max(d.output_per_mtok for d in deps),
+    )
+
+
+def _output_cap(call: Call, default: int) -> int:
+    """The call's output cap per choice, setting the default when it has none."""
+    request = call.request
+    caps = [
+        v
+        for v in (request.get("max_completion_tokens"), request.get("max_tokens"))
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0
+    ]
+    route_cap = call.route.max_output_tokens if call.route else None
+    if not caps:
+        request["max_completion_tokens"] = default
+        caps = [default]
+    cap = min(caps)
+    return min(cap, route_cap) if route_cap else cap
+
+
+def _set_output_cap(request: dict[str, Any], cap: int) -> None:
+    if isinstance(request.get("max_tokens"), int):
+        request["max_tokens"] = min(request["max_tokens"], cap)
+    request["max_completion_tokens"] = min(request.get("max_completion_tokens") or cap, cap)
+
+
+def _rate_headers(
+    headers: dict[str, str],
+    buckets: list[tuple[RateLimitRule, str, Any]],
+    states: dict[str, BucketState],
+) -> None:
+    """OpenAI's ``x-ratelimit-*`` headers, from the tightest bucket of each kind."""
+    tightest: dict[str, tuple[int, int, float]] = {}
+    for _, kind, bucket in buckets:
+        state = states.get(bucket.key)
+        if state is None:
+            continue
+        current = tightest.get(kind)
+        if current is None or state.remaining < current[1]:
+            tightest[kind] = (bucket.capacity, state.remaining, state.reset_s)
+    for kind, (limit, remaining, reset) in tightest.items():
+        headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, remaining))
+        headers[f"x-ratelimit-reset-{kind}"] = _duration(reset)
+
+
+def _who_label(rule: RateLimitRule, call: Call) -> str:
+    return call.principal.key_id if rule.scope == "key" else call.principal.team
