@@ -3,7 +3,7 @@
 The store is the one the policy's ``[budget]`` section names (the SQLite file
 under ``--state-dir``, or Redis at the URL in its environment variable).
 Both commands work while gateways are serving: a report reads, a reset
-changes committed spend, which gateways see on their next call.
+changes committed spend, which gateways see within a quarter of a second.
 
 Exit codes: 0 done, 2 usage error, 3 the store cannot be read, 4 the policy
 cannot be read.
@@ -203,8 +203,8 @@ def reset(
 ) -> None:
     """Set the spend of a budget's current period to zero.
 
-    Reservations of calls in flight stay; gateways see the reset on their
-    next call.
+    Reservations of calls in flight stay; serving gateways see the reset
+    within a quarter of a second.
     """
     settings = _settings(policy)
     periods = (

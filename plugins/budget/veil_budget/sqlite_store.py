@@ -16,17 +16,19 @@ One gateway process owns a store file at a time (an exclusive lock on
 ``store = "redis"``). Inside the process, policy reloads share the open
 store, so reservations carry over. Other processes may read the file (``veil
 budget report``) and reset counters (``veil budget reset``): the store
-notices their commits through ``PRAGMA data_version`` and rereads the
-counters it caches.
+notices their commits through ``PRAGMA data_version`` (checked at most
+every 0.25 s) and rereads the counters it caches.
 
 Every method runs on the event loop without awaiting: a reservation is
 checked and taken in one uninterrupted step, so concurrent calls of the
-process cannot interleave. A settle is one small transaction (tens of
-microseconds: no ``fsync``, the WAL is written to the OS).
+process cannot interleave. Settles are committed in small transactions (tens
+of microseconds: no ``fsync``, the WAL is written to the OS), the settles of
+one turn of the event loop together, before any of them returns.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import sqlite3
@@ -34,6 +36,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .store import Bucket, BucketState, Counter, Denied, Granted, SpendRow, Usage
 
@@ -71,6 +74,21 @@ _ADD_DAY = (
 )
 
 
+_RECHECK_S = 0.25
+"""How often a reserve looks for other processes' commits (``veil budget reset``)."""
+
+
+def _today() -> str:
+    """The UTC day, ``YYYY-MM-DD`` (recomputed once a minute)."""
+    minute = int(time.time() // 60)
+    if _DAY[0] != minute:
+        _DAY[0], _DAY[1] = minute, time.strftime("%Y-%m-%d", time.gmtime(minute * 60))
+    return str(_DAY[1])
+
+
+_DAY: list[Any] = [-1, ""]
+
+
 class StoreBusy(RuntimeError):
     """Another gateway process owns this SQLite store."""
 
@@ -93,6 +111,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA page_size=1024")  # new files: a settle writes 1 KB pages, not 4 KB
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
@@ -123,14 +142,21 @@ class SqliteStore:
         self._pending: dict[str, _Reservation] = {}
         self._buckets: dict[str, list[float]] = {}
         self._users = 0
+        self._checked = 0.0
+        self._queue: list[tuple[str, int | None, tuple[str, ...], int, tuple[Any, ...]]] = []
+        self._flushing: asyncio.Future[None] | None = None
 
     # -- internals --------------------------------------------------------------
 
     def _data_version(self) -> int:
         return int(self.db.execute("PRAGMA data_version").fetchone()[0])
 
-    def _fresh(self) -> None:
-        """Forget cached spend when another connection committed (a reset)."""
+    def _fresh(self, now: float) -> None:
+        """Forget cached spend when another connection committed (a reset);
+        checked at most every ``_RECHECK_S``."""
+        if now - self._checked < _RECHECK_S:
+            return
+        self._checked = now
         version = self._data_version()
         if version != self._version:
             self._version = version
@@ -189,7 +215,7 @@ class SqliteStore:
         now = time.monotonic()
         if self._pending and len(self._pending) % 64 == 0:
             self._expire(now)
-        self._fresh()
+        self._fresh(now)
         limits: dict[str, int] = {}
         for c in counters:
             limits[c.key] = min(c.limit, limits.get(c.key, c.limit))
@@ -225,37 +251,64 @@ class SqliteStore:
     async def settle(
         self, rid: str, cost: int, counters: list[str], tokens: int | None, usage: Usage
     ) -> None:
-        """See :meth:`veil_budget.store.Store.settle`."""
-        self._drop(rid, used=tokens)
-        self._fresh()
-        day = time.strftime("%Y-%m-%d", time.gmtime())
-        keys = list(dict.fromkeys(counters))
+        """See :meth:`veil_budget.store.Store.settle`.
+
+        Settles that arrive in the same turn of the event loop are committed
+        together, in one transaction (group commit); each returns once its
+        transaction is committed."""
+        day = _today()
+        row = (
+            day,
+            usage.team,
+            usage.key_id,
+            usage.user,
+            usage.model,
+            cost,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        )
+        self._queue.append((rid, tokens, tuple(dict.fromkeys(counters)), cost, row))
+        flushing = self._flushing
+        if flushing is None:
+            loop = asyncio.get_running_loop()
+            flushing = self._flushing = loop.create_future()
+            loop.call_soon(self._flush)
+        await flushing
+
+    def _flush(self) -> None:
+        """Commit the queued settles in one transaction; then, in the same
+        step, their reservations leave the reserved totals and their costs
+        join the cached spent totals (until then, a concurrent reserve
+        counts each settling call at its reserved amount: never less)."""
+        queue, self._queue = self._queue, []
+        done, self._flushing = self._flushing, None
+        assert done is not None
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
         try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                spent = [(key, cost) for _, _, keys, cost, _ in queue if cost for key in keys]
+                if spent:
+                    db.executemany(_ADD_SPENT, spent)
+                db.executemany(_ADD_DAY, [row for *_, row in queue])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except Exception as e:  # noqa: BLE001 - handed to every waiting settle
+            # Not recorded (the callers log each lost cost). The reservations
+            # stay until they expire, so the budget still counts them.
+            if not done.done():
+                done.set_exception(e)
+            return
+        for rid, tokens, keys, cost, _ in queue:
+            self._drop(rid, used=tokens)
             if cost:
-                db.executemany(_ADD_SPENT, [(key, cost) for key in keys])
-            db.execute(
-                _ADD_DAY,
-                (
-                    day,
-                    usage.team,
-                    usage.key_id,
-                    usage.user,
-                    usage.model,
-                    cost,
-                    usage.prompt_tokens,
-                    usage.completion_tokens,
-                ),
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        if cost:
-            for key in keys:
-                if key in self._spent:
-                    self._spent[key] += cost
+                for key in keys:
+                    if key in self._spent:
+                        self._spent[key] += cost
+        if not done.done():
+            done.set_result(None)
 
     async def release(self, rid: str) -> None:
         """See :meth:`veil_budget.store.Store.release`."""
@@ -263,7 +316,8 @@ class SqliteStore:
 
     async def spent(self, keys: list[str]) -> dict[str, tuple[int, int]]:
         """See :meth:`veil_budget.store.Store.spent`."""
-        self._fresh()
+        self._checked = 0.0
+        self._fresh(time.monotonic())
         return {key: (self._spent_of(key), self._reserved.get(key, 0)) for key in keys}
 
     async def report(self, since: str | None = None) -> list[SpendRow]:

@@ -37,20 +37,21 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from veil import BadRequest, Call, GatewayError, Refused
+from veil import BadRequest, Call, GatewayError, Principal, Refused
 from veil.types import Chunk, Deployment
 from veil.types import Usage as CallUsage
 
 from .metrics import BudgetMetrics
 from .rules import Applied, applicable, period_end, rate_buckets
 from .settings import BudgetSettings, RateLimitRule
-from .store import NANO, BucketState, Denied, Store, Usage
+from .store import NANO, Bucket, BucketState, Denied, Store, Usage
 from .tokens import count_tokens, prompt_text, prompt_token_bound
 
 __all__ = ["BudgetStage", "open_store"]
@@ -119,6 +120,8 @@ class BudgetStage:
         self.active = bool(settings.budgets or settings.rate_limits)
         self.store: Store | None = None
         self.metrics: BudgetMetrics | None = None
+        self._applied: dict[tuple[str, str, str | None], tuple[int, list[Applied]]] = {}
+        self._buckets: dict[tuple[str, str], list[tuple[RateLimitRule, str, str, int]]] = {}
 
     async def start(self, metrics: BudgetMetrics | None = None) -> None:
         """Open the store (see :func:`open_store`)."""
@@ -151,7 +154,7 @@ class BudgetStage:
         output = _output_cap(call, s.default_max_tokens) if chat else 0
         in_price, out_price = _worst_prices(call)
         prompt = prompt_token_bound(call.kind, request, s.image_tokens)
-        applied = applicable(s.budgets, call.principal, dt.datetime.now(dt.UTC))
+        applied = self._budgets_of(call.principal)
         amount = _nanos(prompt, in_price, output * n, out_price)
         for a in applied:
             cap = a.rule.max_call_usd
@@ -172,7 +175,7 @@ class BudgetStage:
             _set_output_cap(request, output)
             amount = _nanos(prompt, in_price, output * n, out_price)
         tokens = prompt + output * n
-        buckets = rate_buckets(s.rate_limits, call.principal, tokens)
+        buckets = self._buckets_of(call.principal, tokens)
         for rule, _kind, bucket in buckets:
             if bucket.take > bucket.capacity:
                 self._count("refused", "rate")
@@ -234,7 +237,38 @@ class BudgetStage:
             "amount": amount,
             "out": [],
         }
-        call.decide(self.name, "reserved", usd=_usd(amount), budgets=len(applied))
+        call.decide(self.name, "reserved", usd=amount / NANO, budgets=len(applied))
+
+    def _budgets_of(self, principal: Principal) -> list[Applied]:
+        """The budgets of this caller now (cached for the minute: periods
+        start on whole minutes)."""
+        minute = int(time.time() // 60)
+        key = (principal.team, principal.key_id, principal.user)
+        found = self._applied.get(key)
+        if found is None or found[0] != minute:
+            if len(self._applied) > 10_000:
+                self._applied.clear()
+            now = dt.datetime.fromtimestamp(minute * 60 + 30, dt.UTC)
+            found = self._applied[key] = (minute, applicable(self.settings.budgets, principal, now))
+        return found[1]
+
+    def _buckets_of(
+        self, principal: Principal, tokens: int
+    ) -> list[tuple[RateLimitRule, str, Bucket]]:
+        """This caller's rate-limit buckets, a token bucket taking ``tokens``."""
+        key = (principal.team, principal.key_id)
+        shapes = self._buckets.get(key)
+        if shapes is None:
+            if len(self._buckets) > 10_000:
+                self._buckets.clear()
+            shapes = self._buckets[key] = [
+                (rule, kind, b.key, b.capacity)
+                for rule, kind, b in rate_buckets(self.settings.rate_limits, principal, 1)
+            ]
+        return [
+            (rule, kind, Bucket(bkey, cap, 1 if kind == "requests" else tokens))
+            for rule, kind, bkey, cap in shapes
+        ]
 
     def _refuse(
         self,
@@ -354,8 +388,8 @@ class BudgetStage:
         call.decide(
             self.name,
             "settled" if finished else "settled_partial",
-            usd=_usd(cost),
-            reserved_usd=_usd(mine["amount"]),
+            usd=cost / NANO,
+            reserved_usd=mine["amount"] / NANO,
             counted=counted,
         )
 

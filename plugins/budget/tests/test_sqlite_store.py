@@ -1,0 +1,139 @@
+"""The SQLite store on its own: arithmetic, all-or-nothing refusals, the
+settle window under group commit, resets from another process, one owner
+per file, and durability across a reopen."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from veil_budget.sqlite_store import StoreBusy, open_sqlite, reset_counters
+from veil_budget.store import Bucket, Counter, Denied, Granted, Usage
+
+USAGE = Usage("alpha", "k1", "ann", "gpt-4o", prompt_tokens=10, completion_tokens=5)
+TEAM = "team:alpha:month:2026-11"
+
+
+def test_reserve_settle_release_arithmetic(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = open_sqlite(tmp_path / "b.sqlite3")
+        try:
+            granted = await store.reserve("a", 60, [Counter(TEAM, 100)], [], 60)
+            assert isinstance(granted, Granted) and granted.committed == {TEAM: 60}
+            denied = await store.reserve("b", 41, [Counter(TEAM, 100)], [], 60)
+            assert isinstance(denied, Denied) and denied.kind == "budget" and denied.committed == 60
+            await store.settle("a", 25, [TEAM], None, USAGE)
+            assert await store.spent([TEAM]) == {TEAM: (25, 0)}
+            assert isinstance(await store.reserve("c", 75, [Counter(TEAM, 100)], [], 60), Granted)
+            await store.release("c")
+            assert await store.spent([TEAM]) == {TEAM: (25, 0)}
+            (row,) = await store.report()
+            assert (row.team, row.cost, row.calls, row.prompt_tokens) == ("alpha", 25, 1, 10)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def test_a_refusal_takes_nothing(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = open_sqlite(tmp_path / "b.sqlite3")
+        try:
+            bucket = Bucket("rpm:key:k1", 10, 1)
+            denied = await store.reserve("a", 200, [Counter(TEAM, 100)], [bucket], 60)
+            assert isinstance(denied, Denied)
+            granted = await store.reserve("b", 100, [Counter(TEAM, 100)], [bucket], 60)
+            assert isinstance(granted, Granted)
+            assert granted.buckets["rpm:key:k1"].remaining == 9  # the refusal took no request
+            tight = Bucket("tpm:key:k1", 50, 40)
+            assert isinstance(await store.reserve("c", 0, [], [tight], 60), Granted)
+            refused = await store.reserve("d", 0, [Counter(TEAM, 100)], [tight], 60)
+            assert isinstance(refused, Denied) and refused.kind == "rate"
+            assert refused.retry_after_s is not None and 0 < refused.retry_after_s <= 60
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def test_a_settling_call_counts_until_its_cost_is_committed(tmp_path: Path) -> None:
+    """Group commit defers the write to the next turn of the loop; meanwhile
+    the settling call must still count (at its reserved amount)."""
+
+    async def go() -> None:
+        store = open_sqlite(tmp_path / "b.sqlite3")
+        try:
+            assert isinstance(await store.reserve("a", 100, [Counter(TEAM, 100)], [], 60), Granted)
+            settling = asyncio.ensure_future(store.settle("a", 100, [TEAM], None, USAGE))
+            await asyncio.sleep(0) if not settling.done() else None
+            assert isinstance(await store.reserve("b", 1, [Counter(TEAM, 100)], [], 60), Denied)
+            await settling
+            assert isinstance(await store.reserve("c", 1, [Counter(TEAM, 100)], [], 60), Denied)
+            assert await store.spent([TEAM]) == {TEAM: (100, 0)}
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def test_expired_reservations_come_back(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = open_sqlite(tmp_path / "b.sqlite3")
+        try:
+            granted = await store.reserve("a", 100, [Counter(TEAM, 100)], [], 0.05)
+            assert isinstance(granted, Granted)
+            await asyncio.sleep(0.1)
+            assert isinstance(await store.reserve("b", 100, [Counter(TEAM, 100)], [], 60), Granted)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def test_spend_survives_a_reopen_and_resets_from_elsewhere_are_seen(tmp_path: Path) -> None:
+    path = tmp_path / "b.sqlite3"
+
+    async def spend() -> None:
+        store = open_sqlite(path)
+        try:
+            await store.reserve("a", 70, [Counter(TEAM, 100)], [], 60)
+            await store.settle("a", 70, [TEAM], None, USAGE)
+        finally:
+            await store.close()
+
+    async def after() -> None:
+        store = open_sqlite(path)
+        try:
+            assert await store.spent([TEAM]) == {TEAM: (70, 0)}
+            assert isinstance(await store.reserve("b", 31, [Counter(TEAM, 100)], [], 60), Denied)
+            other = sqlite3.connect(path, isolation_level=None)  # `veil budget reset`
+            assert reset_counters(other, "team:alpha:*") == 1
+            other.close()
+            await asyncio.sleep(0.3)
+            assert isinstance(await store.reserve("c", 100, [Counter(TEAM, 100)], [], 60), Granted)
+        finally:
+            await store.close()
+
+    asyncio.run(spend())
+    asyncio.run(after())
+
+
+def test_one_process_owns_a_store_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "b.sqlite3"
+    store = open_sqlite(path)
+    try:
+        again = open_sqlite(path)
+        assert again is store  # policy reloads in this process share it
+        asyncio.run(again.close())  # one user left: still open and locked
+        code = f"from veil_budget.sqlite_store import open_sqlite; open_sqlite({str(path)!r})"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode != 0
+        assert StoreBusy.__name__ in out.stderr and 'store = "redis"' in out.stderr
+    finally:
+        asyncio.run(store.close())
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr  # closed: free for another process
