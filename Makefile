@@ -74,6 +74,7 @@ bench: $(STAMP_TEST)
 	  && (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null || true; }
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.pii $(BENCH_PII_ARGS)
+	$(PY) -m bench.budget $(BENCH_BUDGET_ARGS)
 
 lint: $(STAMP_TEST)
 	$(VENV)/bin/ruff check .

@@ -172,7 +172,11 @@ async def _disconnected(receive: Any) -> None:
 
 def _fixed_usage(usage: dict[str, int]) -> dict[str, int]:
     prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def _error(message: str, code: str) -> bytes:
