@@ -164,7 +164,7 @@ class BudgetStage:
             fits = int(room // (n * out_price * 1000)) if out_price and chat else 0
             if fits < 1:
                 self._count("refused", "per_call")
-                call.decide(self.name, "refused", reason="per_call_cap", budget=a.counter.key)
+                call.decide(self.name, "refused", reason="per_call_cap", budget=a.rule.name)
                 raise BadRequest(
                     f"this call could cost more than the {a.rule.name} allows per call "
                     f"(${cap:g}); shorten the prompt",
@@ -230,7 +230,7 @@ class BudgetStage:
                 log.warning(
                     "budget_soft_limit_exceeded",
                     request_id=call.id,
-                    budgets=[a.counter.key for a in soft],
+                    budgets=[a.rule.name for a in soft],
                 )
         call.scratch[_STATE] = {
             "counters": [a.counter.key for a in applied],
@@ -283,7 +283,7 @@ class BudgetStage:
             end = period_end(a.rule.period, dt.datetime.now(dt.UTC))
             when = f"; it resets at {end:%Y-%m-%dT%H:%MZ}" if end else ""
             self._count("refused", "budget")
-            call.decide(self.name, "refused", reason="budget", budget=denied.key)
+            call.decide(self.name, "refused", reason="budget", budget=a.rule.name)
             raise Refused(
                 f"the {a.rule.name} is exhausted: ${denied.committed / NANO:.4f} of "
                 f"${a.rule.limit_usd:g} spent or reserved, and this call may cost up to "
@@ -381,7 +381,7 @@ class BudgetStage:
                 request_id=call.id,
                 error=type(e).__name__,
                 cost_usd=_usd(cost),
-                budgets=mine["counters"],
+                budgets=len(mine["counters"]),
             )
         if self.metrics is not None and cost:
             self.metrics.spend.labels(call.principal.team, model).inc(cost / NANO)
