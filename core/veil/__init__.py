@@ -15,6 +15,7 @@ from .errors import (
     PluginError,
     PolicyError,
     Refused,
+    Unavailable,
     UpstreamError,
     VeilError,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "Refused",
     "RouteDecision",
     "Stage",
+    "Unavailable",
     "UpstreamError",
     "Usage",
     "VeilError",

@@ -19,6 +19,7 @@ personal data: use ids, counts and entity types.
         ├── UnsupportedMediaType   415 invalid_request_error / unsupported_content_type
         ├── Refused                429 (budgets, rate limits; carries Retry-After)
         ├── StageFailed            500 or 503: a pipeline stage failed closed
+        ├── Unavailable            503 server_error: a step the call needs cannot run now
         └── UpstreamError          502 upstream answered badly
             ├── UpstreamUnavailable    503 upstream unreachable
             ├── UpstreamTimeout        504 upstream too slow
@@ -40,6 +41,7 @@ __all__ = [
     "PolicyError",
     "Refused",
     "StageFailed",
+    "Unavailable",
     "UnsupportedMediaType",
     "UpstreamError",
     "UpstreamRejected",
@@ -173,6 +175,16 @@ class Refused(GatewayError):
             headers.setdefault("retry-after", str(max(1, int(retry_after + 0.999))))
         super().__init__(message, headers=headers, **kw)
         self.retry_after = retry_after
+
+
+class Unavailable(GatewayError):
+    """A step the call needs cannot run now (its store or model is down or
+    overloaded): 503, the request was not forwarded. Plugins set ``code``
+    (``pii_unavailable``, ``budget_unavailable``)."""
+
+    status = 503
+    type = "server_error"
+    code = "unavailable"
 
 
 class StageFailed(GatewayError):

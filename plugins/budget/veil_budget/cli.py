@@ -85,10 +85,9 @@ async def _with_store(settings: BudgetSettings, state_dir: Path | None, work: An
         finally:
             await store.close()
     from .sqlite_store import connect, read_report, reset_counters
+    from .stage import sqlite_path
 
-    path = Path(settings.sqlite_path)
-    if not path.is_absolute():
-        path = (state_dir or Path(".")) / path
+    path = sqlite_path(settings, state_dir)
     try:
         db = connect(path, readonly=False) if path.exists() else None
     except OSError as e:

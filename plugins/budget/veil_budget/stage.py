@@ -45,6 +45,7 @@ from typing import Any
 import structlog
 
 from veil import BadRequest, Call, GatewayError, Principal, Refused
+from veil import Unavailable as VeilUnavailable
 from veil.types import Chunk, Deployment
 from veil.types import Usage as CallUsage
 
@@ -61,11 +62,9 @@ log = structlog.get_logger("veil.budget")
 _STATE = "budget"
 
 
-class Unavailable(GatewayError):
+class Unavailable(VeilUnavailable):
     """503 ``budget_unavailable``: the store cannot be reached."""
 
-    status = 503
-    type = "server_error"
     code = "budget_unavailable"
 
 
@@ -89,11 +88,12 @@ def open_store(settings: BudgetSettings) -> Store:
     return open_sqlite(sqlite_path(settings))
 
 
-def sqlite_path(settings: BudgetSettings) -> Path:
-    """The SQLite file: absolute, or under ``$VEIL_STATE_DIR`` (else the working directory)."""
+def sqlite_path(settings: BudgetSettings, state_dir: Path | None = None) -> Path:
+    """The SQLite file: absolute, or under ``state_dir`` (default
+    ``$VEIL_STATE_DIR``, else the working directory)."""
     path = Path(settings.sqlite_path)
     if not path.is_absolute():
-        path = Path(os.environ.get("VEIL_STATE_DIR") or ".") / path
+        path = (state_dir or Path(os.environ.get("VEIL_STATE_DIR") or ".")) / path
     return path
 
 

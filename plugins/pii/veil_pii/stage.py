@@ -37,6 +37,7 @@ from functools import lru_cache
 from typing import Any
 
 from veil import BadRequest, Call, GatewayError
+from veil import Unavailable as VeilUnavailable
 from veil.types import Chunk
 
 from .analysis import AnalysisPool, AnalysisUnavailable
@@ -80,11 +81,10 @@ def _value_pattern(value: str) -> re.Pattern[str]:
     return re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)
 
 
-class Unavailable(GatewayError):
+class Unavailable(VeilUnavailable):
     """503 ``pii_unavailable``: the privacy step could not run; nothing was sent."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=503, type="server_error", code="pii_unavailable")
+    code = "pii_unavailable"
 
 
 @dataclass(slots=True)
