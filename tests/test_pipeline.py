@@ -344,3 +344,32 @@ def test_unknown_provider_is_refused_at_load() -> None:
     p = parse_policy(policy_toml(deployments=deployments).encode())
     with pytest.raises(PolicyError, match="provider 'nowhere', which no loaded plugin provides"):
         Runtime.build(p, Metrics())
+
+
+def test_a_stage_can_ask_for_the_streamed_text_without_wrapping_the_stream(
+    policy_kit: PolicyKit,
+    start_gateway,  # noqa: ANN001
+) -> None:
+    seen: dict[str, Any] = {}
+
+    class Counter:
+        name = "counter"
+
+        async def on_request(self, call: Call) -> None:
+            call.stream_text = []
+
+        async def on_response(self, call: Call) -> None:
+            seen["text"] = "".join(call.stream_text or [])
+
+    class Impl:
+        @hookimpl
+        def veil_register_stages(self, register: Any, settings: Any) -> None:
+            register(Counter())
+
+    path = policy_kit.write(policy_toml(pipeline=["counter"]))
+    gw = start_gateway(path, {"counter": Impl()})
+    assert not gw.gateway.runtime.pipeline.stream  # no wrapper in the chunks' way
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key=TEST_KEY, max_retries=0) as c:
+        chunks = list(c.chat.completions.create(model="mock-model", messages=MSG, stream=True))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed and seen["text"] == streamed

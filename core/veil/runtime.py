@@ -399,6 +399,8 @@ async def _observe(call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Ch
             usage = chunk.get("usage")
             if usage:
                 call.usage = Usage.from_openai(usage)
+            if call.stream_text is not None:
+                _keep_text(call.stream_text, chunk)
             yield chunk
     finally:
         aclose = getattr(chunks, "aclose", None)
@@ -413,6 +415,8 @@ async def _observe_for_client(
     pipelines without stream wrappers (one generator less per chunk)."""
     try:
         async for chunk in chunks:
+            if call.stream_text is not None:
+                _keep_text(call.stream_text, chunk)
             usage = chunk.get("usage")
             if usage:
                 call.usage = Usage.from_openai(usage)
@@ -423,6 +427,22 @@ async def _observe_for_client(
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def _keep_text(out: list[str], chunk: Chunk) -> None:
+    """Append a chunk's delta text and tool-call arguments to ``out``."""
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            continue
+        text = delta.get("content")
+        if isinstance(text, str):
+            out.append(text)
+        for tool in delta.get("tool_calls") or ():
+            fn = tool.get("function") if isinstance(tool, dict) else None
+            args = fn.get("arguments") if isinstance(fn, dict) else None
+            if isinstance(args, str):
+                out.append(args)
 
 
 async def _for_client(chunks: AsyncIterator[Chunk], include_usage: bool) -> AsyncIterator[Chunk]:

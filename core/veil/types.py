@@ -147,6 +147,12 @@ class Call:
     into chunks). ``route`` is preset from the policy's deployments when the
     requested model names one, and a routing stage may replace it.
     ``scratch`` is a per-stage space: use ``call.scratch[stage_name]``.
+    ``stream_text``: a stage that needs the text an upstream streamed (to
+    count the tokens of a stream that ended without usage, say) sets it to
+    an empty list in ``on_request``; the core then appends each chunk's
+    delta ``content`` and tool-call ``arguments`` as they arrive from the
+    upstream, before any stage's ``wrap_stream`` sees the chunk. Cheaper
+    than a ``wrap_stream`` that only watches.
     """
 
     id: str
@@ -169,6 +175,7 @@ class Call:
     started: float = field(default_factory=time.perf_counter)
     upstream_seconds: float = 0.0
     attempts: int = 0
+    stream_text: list[str] | None = None
 
     def decide(self, stage: str, action: str, **detail: Any) -> None:
         """Record a decision for audit (ids, counts and types only)."""
