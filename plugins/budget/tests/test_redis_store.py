@@ -420,3 +420,80 @@ def test_an_unreachable_redis_raises() -> None:
                     await call
 
     run(main())
+
+
+def test_one_turns_operations_go_to_redis_as_one_script_call(url: str) -> None:
+    async def main() -> list[Any]:
+        async with opened(url) as s:
+            await s.reserve("warm", 0, [], [], 30)  # connects
+            calls = [
+                s.reserve(f"r{i}", 10, [Counter("team:alpha", 10_000)], [], 30) for i in range(40)
+            ]
+            granted = await asyncio.gather(*calls)
+            await asyncio.gather(
+                *(s.settle(f"r{i}", 5, ["team:alpha"], None, USAGE) for i in range(40))
+            )
+            return [granted, await s.spent(["team:alpha"])]
+
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        client.config_resetstat()
+        granted, spent = run(main())
+        stats = client.info("commandstats")
+        script_calls = sum(
+            v["calls"] for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval")
+        )
+    finally:
+        client.close()
+    # every reserve saw the ones before it (one atomic script, in order)
+    assert sorted(g.committed["team:alpha"] for g in granted) == [10 * i for i in range(1, 41)]
+    assert spent == {"team:alpha": (200, 0)}
+    assert script_calls <= 6  # warm-up, 40 reserves, 40 settles, spent: a few batches
+
+
+def test_a_flushed_script_cache_is_refilled_without_running_twice(url: str) -> None:
+    async def main() -> dict[str, tuple[int, int]]:
+        async with opened(url) as s:
+            await s.reserve("r1", 10, [Counter("team:alpha", 100)], [], 30)
+            client = redis.asyncio.Redis.from_url(url)
+            await client.script_flush()
+            await client.aclose()
+            await s.settle("r1", 7, ["team:alpha"], None, USAGE)  # NOSCRIPT, then EVAL
+            return await s.spent(["team:alpha"])
+
+    assert run(main()) == {"team:alpha": (7, 0)}
+
+
+def test_a_redis_that_stops_answering_times_out_and_the_next_call_reconnects(
+    url: str,
+) -> None:
+    async def main() -> None:
+        store = RedisStore(url, timeout_s=0.3)
+        try:
+            await store.reserve("r0", 1, [Counter("c", 100)], [], 30)
+            client = redis.asyncio.Redis.from_url(url)
+            await client.execute_command("CLIENT", "PAUSE", "1000", "ALL")  # Redis hangs 1 s
+            await client.aclose()
+            with pytest.raises(redis.exceptions.TimeoutError):
+                await store.reserve("r1", 1, [Counter("c", 100)], [], 30)
+            await asyncio.sleep(1)
+            granted = await store.reserve("r2", 1, [Counter("c", 100)], [], 30)
+            assert isinstance(granted, Granted)
+        finally:
+            await store.close()
+
+    run(main())
+
+
+def test_a_lost_connection_fails_the_calls_in_flight_and_then_reconnects(url: str) -> None:
+    async def main() -> None:
+        async with opened(url) as s:
+            await s.reserve("r0", 1, [Counter("c", 100)], [], 30)
+            client = redis.asyncio.Redis.from_url(url)
+            await client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            await client.aclose()
+            await asyncio.sleep(0.05)
+            granted = await s.reserve("r1", 1, [Counter("c", 100)], [], 30)
+            assert isinstance(granted, Granted) and granted.committed == {"c": 2}
+
+    run(main())

@@ -1,14 +1,26 @@
 """The SQLite store on its own: arithmetic, all-or-nothing refusals, the
-settle window under group commit, resets from another process, one owner
-per file, and durability across a reopen."""
+settle window, resets from another process, one owner per file, and
+durability: across a reopen, and of the settle journal across a crash (a
+torn last frame, a crash between a fold's commit and the journal's restart)."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
 from pathlib import Path
 
-from veil_budget.sqlite_store import StoreBusy, open_sqlite, reset_counters
+from veil_budget.journal import read_frames
+from veil_budget.sqlite_store import (
+    SqliteStore,
+    StoreBusy,
+    _fold_into,
+    connect,
+    journal_path,
+    open_sqlite,
+    read_report,
+    reset_counters,
+)
 from veil_budget.store import Bucket, Counter, Denied, Granted, Usage
 
 USAGE = Usage("alpha", "k1", "ann", "gpt-4o", prompt_tokens=10, completion_tokens=5)
@@ -58,8 +70,8 @@ def test_a_refusal_takes_nothing(tmp_path: Path) -> None:
 
 
 def test_a_settling_call_counts_until_its_cost_is_committed(tmp_path: Path) -> None:
-    """Group commit defers the write to the next turn of the loop; meanwhile
-    the settling call must still count (at its reserved amount)."""
+    """A settle journals its cost and drops its reservation in one step: at
+    no point does the call count for less than its cost."""
 
     async def go() -> None:
         store = open_sqlite(tmp_path / "b.sqlite3")
@@ -137,3 +149,127 @@ def test_one_process_owns_a_store_file(tmp_path: Path) -> None:
         asyncio.run(store.close())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr  # closed: free for another process
+
+
+def _crashed_copy(store: SqliteStore, into: Path) -> Path:
+    """The files a process killed right now would leave (SQLite file, its
+    WAL, the journal), copied to ``into``."""
+    into.mkdir()
+    for f in store.path.parent.iterdir():
+        if f.name.startswith(store.path.name) and not f.name.endswith(".lock"):
+            shutil.copy(f, into / f.name)
+    return into / store.path.name
+
+
+async def _spend(store: SqliteStore, n: int, cost: int = 10) -> None:
+    for i in range(n):
+        assert isinstance(
+            await store.reserve(f"r{i}", cost, [Counter(TEAM, 10**9)], [], 60), Granted
+        )
+        await store.settle(f"r{i}", cost, [TEAM], None, USAGE)
+
+
+def test_settles_are_journaled_and_survive_a_crash_before_the_fold(tmp_path: Path) -> None:
+    async def go() -> Path:
+        store = open_sqlite(tmp_path / "live" / "b.sqlite3")
+        try:
+            await _spend(store, 5)
+            generation, frames = read_frames(journal_path(store.path))
+            assert len(frames) == 5 and generation == store.journal.generation
+            # nothing folded yet: the SQLite file alone does not have them
+            assert read_report(store.db, None) == []
+            # another process's report adds the journal
+            assert read_report(store.db, None, journal_path(store.path))[0].calls == 5
+            return _crashed_copy(store, tmp_path / "crashed")
+        finally:
+            await store.close()
+
+    crashed = asyncio.run(go())
+    with (crashed.parent / "b.sqlite3.journal").open("ab") as f:
+        f.write(b"\x40\x00\x00\x00torn")  # a frame the crash cut short
+
+    async def after() -> None:
+        store = open_sqlite(crashed)
+        try:
+            assert await store.spent([TEAM]) == {TEAM: (50, 0)}
+            (row,) = await store.report()
+            assert (row.calls, row.cost, row.prompt_tokens) == (5, 50, 50)
+        finally:
+            await store.close()
+
+    asyncio.run(after())
+
+
+def test_a_crash_between_a_folds_commit_and_the_journal_restart_counts_once(
+    tmp_path: Path,
+) -> None:
+    async def go() -> Path:
+        store = open_sqlite(tmp_path / "live" / "b.sqlite3")
+        try:
+            await _spend(store, 3)
+            # the fold's transaction commits, then the process dies
+            _fold_into(store.db, store._unfolded, store.journal.generation)
+            return _crashed_copy(store, tmp_path / "crashed")
+        finally:
+            store._unfolded = []  # what the dead process had folded
+            await store.close()
+
+    crashed = asyncio.run(go())
+
+    async def after() -> None:
+        store = open_sqlite(crashed)
+        try:
+            assert await store.spent([TEAM]) == {TEAM: (30, 0)}
+            (row,) = await store.report()
+            assert row.calls == 3
+        finally:
+            await store.close()
+
+    asyncio.run(after())
+
+
+def test_the_journal_is_folded_every_second_and_at_close(tmp_path: Path) -> None:
+    path = tmp_path / "b.sqlite3"
+
+    async def go() -> None:
+        store = open_sqlite(path)
+        try:
+            await _spend(store, 2)
+            first = store.journal.generation
+            await asyncio.sleep(1.3)
+            assert store.journal.generation == first + 1
+            assert read_frames(journal_path(path))[1] == []
+            assert read_report(store.db, None)[0].calls == 2
+            await _spend(store, 1)
+        finally:
+            await store.close()
+        db = connect(path)
+        try:
+            assert read_report(db, None)[0].calls == 3
+        finally:
+            db.close()
+
+    asyncio.run(go())
+
+
+def test_a_reset_from_elsewhere_leaves_out_the_journals_earlier_costs(tmp_path: Path) -> None:
+    path = tmp_path / "b.sqlite3"
+
+    async def go() -> None:
+        store = open_sqlite(path)
+        try:
+            await _spend(store, 4, cost=20)  # 80, in the journal only
+            other = sqlite3.connect(path, isolation_level=None)  # `veil budget reset`
+            reset_counters(other, "team:alpha:*")
+            other.close()
+            await asyncio.sleep(0.3)
+            granted = await store.reserve("x", 100, [Counter(TEAM, 100)], [], 60)
+            assert isinstance(granted, Granted) and granted.committed == {TEAM: 100}
+            await store.settle("x", 5, [TEAM], None, USAGE)
+            store.fold()
+            assert await store.spent([TEAM]) == {TEAM: (5, 0)}
+            assert (await store.report())[0].calls == 5  # the report keeps history
+        finally:
+            await store.close()
+
+    asyncio.run(go())

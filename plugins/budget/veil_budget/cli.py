@@ -84,7 +84,7 @@ async def _with_store(settings: BudgetSettings, state_dir: Path | None, work: An
             return await work(store.report, store.reset)
         finally:
             await store.close()
-    from .sqlite_store import connect, read_report, reset_counters
+    from .sqlite_store import connect, journal_path, read_report, reset_counters
     from .stage import sqlite_path
 
     path = sqlite_path(settings, state_dir)
@@ -97,7 +97,7 @@ async def _with_store(settings: BudgetSettings, state_dir: Path | None, work: An
     assert db is not None
 
     async def report(since: str | None) -> list[SpendRow]:
-        return read_report(db, since)
+        return read_report(db, since, journal_path(path))
 
     async def reset(pattern: str) -> int:
         return reset_counters(db, pattern)
@@ -170,10 +170,10 @@ def report(
     for dim in dims:
         click.echo(f"\nby {dim}:")
         entries = summary[f"by_{dim}"] or [{dim: "-", "cost_usd": 0.0, "calls": 0}]
-        width = max(len(str(e[dim] or "(none)")) for e in entries)
-        for e in entries:
-            name = str(e[dim] or "(none)")
-            click.echo(f"  {name:<{width}}  ${e['cost_usd']:>14.6f}  {e['calls']:>8} calls")
+        width = max(len(str(entry[dim] or "(none)")) for entry in entries)
+        for entry in entries:
+            name = str(entry[dim] or "(none)")
+            click.echo(f"  {name:<{width}}  ${entry['cost_usd']:>14.6f}  {entry['calls']:>8} calls")
 
 
 @budget.command()

@@ -47,11 +47,13 @@ import json
 import math
 from typing import Any
 
+import orjson
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
+from .redis_link import Batcher
 from .store import Bucket, BucketState, Counter, Denied, Granted, SpendRow, Usage
 
 __all__ = ["RedisStore"]
@@ -66,11 +68,16 @@ _RESET_BATCH = 1000
 # script learns while it runs (expired reservations' counters and buckets, the
 # day's report) are built from the base: they share the hash tag, so they live
 # in the slot of the declared KEYS.
-_LIB = """
+_LIB = (
+    """
 local base = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local MAX_MS = 400 * 86400 * 1000
+local KEEP_DAYS = """
+    + str(KEEP_DAYS)
+    + """
+local KEEP_S = KEEP_DAYS * 86400
+local MAX_MS = KEEP_S * 1000
 
 local function num(x)
   return string.format('%.17g', x)
@@ -167,100 +174,113 @@ local function sweep()
   for _, rid in ipairs(due) do drop(rid, 0) end
 end
 """
+)
 
-# KEYS: expiry, reservation, counters..., buckets...
-# ARGV: base, rid, amount, ttl_s, record counters (JSON), record buckets (JSON),
-#       number of counters, their limits, then capacity, take, window_s per bucket.
-# Returns {'budget', i, spent, reserved} | {'rate', j, retry_after_s}
-#       | {'ok', spent, reserved per counter..., tokens per bucket...}.
-# A rid already reserved is not taken again (a retried call): it gets 'ok'
-# with the current state.
-_RESERVE = (
+# The hot path: reserves, settles and releases of one turn of the event loop,
+# in one call (see redis_link.Batcher). KEYS[1]: the expiry zset (it names the
+# slot). ARGV[1]: base; then one operation per argument, a JSON array
+# (amounts and costs are strings, exact beyond 2^53):
+#   ["r", rid, amount, ttl_s, [[counter, limit], ...], [[bucket, take, capacity,
+#    window_s], ...]] -> {'budget', i, spent, reserved} | {'rate', j, retry_after_s}
+#    | {'ok', spent, reserved per counter..., tokens per bucket...}; a rid
+#    already reserved is not taken again (a retried call): it gets 'ok' with
+#    the current state.
+#   ["s", rid, cost, tokens used ('' = keep what was taken), [counter, ...],
+#    report field prefix, prompt tokens, completion tokens] -> 1
+#   ["x", rid] -> 1 (release)
+# Returns one reply per operation, in order.
+_BATCH = (
     _LIB
     + """
 sweep()
-local amount = ARGV[3]
-local nc = tonumber(ARGV[7])
-local nb = #KEYS - 2 - nc
-local again = redis.call('EXISTS', KEYS[2]) == 1
-if not again then
-  for i = 1, nc do
-    local v = redis.call('HMGET', KEYS[2 + i], 'spent', 'reserved')
-    if not fits(v[1], v[2], amount, ARGV[7 + i]) then
-      return {'budget', i, v[1] or '0', v[2] or '0'}
+local dkey = nil
+
+local function reserve(op)
+  local rid, amount, cs, bs = op[2], op[3], op[5], op[6]
+  local rkey = base .. 'r:' .. rid
+  local again = redis.call('EXISTS', rkey) == 1
+  if not again then
+    for i, c in ipairs(cs) do
+      local v = redis.call('HMGET', base .. 'c:' .. c[1], 'spent', 'reserved')
+      if not fits(v[1], v[2], amount, c[2]) then
+        return {'budget', i, v[1] or '0', v[2] or '0'}
+      end
     end
   end
-end
-local levels = {}
-for j = 1, nb do
-  local a = 7 + nc + 3 * (j - 1)
-  local cap, take, win = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local tokens = level(KEYS[2 + nc + j], cap, win)
-  if not again and tokens < take then
-    return {'rate', j, num((take - tokens) * win / cap)}
+  local levels = {}
+  for j, b in ipairs(bs) do
+    local tokens = level(base .. 't:' .. b[1], b[3], b[4])
+    if not again and tokens < b[2] then
+      return {'rate', j, num((b[2] - tokens) * b[4] / b[3])}
+    end
+    levels[j] = tokens
   end
-  levels[j] = tokens
-end
-if not again then
-  for j = 1, nb do
-    local a = 7 + nc + 3 * (j - 1)
-    local cap, take, win = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-    levels[j] = levels[j] - take
-    put(KEYS[2 + nc + j], levels[j], cap, win)
+  if not again then
+    local counters, record = {}, {}
+    for j, b in ipairs(bs) do
+      levels[j] = levels[j] - b[2]
+      put(base .. 't:' .. b[1], levels[j], b[3], b[4])
+      if b[2] > 1 then record[#record + 1] = b end
+    end
+    for i, c in ipairs(cs) do
+      counters[i] = c[1]
+      if amount ~= '0' then
+        redis.call('HINCRBY', base .. 'c:' .. c[1], 'reserved', amount)
+      end
+    end
+    redis.call('HSET', rkey, 'amount', amount,
+      'counters', #counters > 0 and cjson.encode(counters) or '[]',
+      'buckets', #record > 0 and cjson.encode(record) or '[]')
+    redis.call('ZADD', base .. 'expiry', num(now + tonumber(op[4])), rid)
   end
-  if amount ~= '0' then
-    for i = 1, nc do redis.call('HINCRBY', KEYS[2 + i], 'reserved', amount) end
+  local out = {'ok'}
+  for _, c in ipairs(cs) do
+    local v = redis.call('HMGET', base .. 'c:' .. c[1], 'spent', 'reserved')
+    out[#out + 1] = v[1] or '0'
+    out[#out + 1] = v[2] or '0'
   end
-  redis.call('HSET', KEYS[2], 'amount', amount, 'counters', ARGV[5], 'buckets', ARGV[6])
-  redis.call('ZADD', KEYS[1], num(now + tonumber(ARGV[4])), ARGV[2])
+  for j = 1, #bs do out[#out + 1] = num(levels[j]) end
+  return out
 end
-local out = {'ok'}
-for i = 1, nc do
-  local v = redis.call('HMGET', KEYS[2 + i], 'spent', 'reserved')
-  out[#out + 1] = v[1] or '0'
-  out[#out + 1] = v[2] or '0'
+
+local function settle(op)
+  local used = nil
+  if op[4] ~= '' then used = tonumber(op[4]) end
+  drop(op[2], used)
+  local cost = op[3]
+  if cost ~= '0' then
+    for _, c in ipairs(op[5]) do redis.call('HINCRBY', base .. 'c:' .. c, 'spent', cost) end
+  end
+  if not dkey then
+    local dayno = math.floor(tonumber(t[1]) / 86400)
+    local day = civil(dayno)
+    dkey = base .. 'day:' .. day
+    redis.call('ZADD', base .. 'days', 0, day)
+    redis.call('ZREMRANGEBYLEX', base .. 'days', '-', '(' .. civil(dayno - KEEP_DAYS))
+  end
+  local f = op[6]
+  redis.call('HINCRBY', dkey, f .. 'cost', cost)
+  redis.call('HINCRBY', dkey, f .. 'calls', 1)
+  redis.call('HINCRBY', dkey, f .. 'prompt', op[7])
+  redis.call('HINCRBY', dkey, f .. 'completion', op[8])
+  return 1
 end
-for j = 1, nb do out[#out + 1] = num(levels[j]) end
+
+local out = {}
+for i = 2, #ARGV do
+  local op = cjson.decode(ARGV[i])
+  local kind = op[1]
+  if kind == 'r' then
+    out[#out + 1] = reserve(op)
+  elseif kind == 's' then
+    out[#out + 1] = settle(op)
+  else
+    drop(op[2], 0)
+    out[#out + 1] = 1
+  end
+end
+if dkey then redis.call('EXPIRE', dkey, KEEP_S) end
 return out
-"""
-)
-
-# KEYS: expiry, reservation, days, counters...
-# ARGV: base, rid, cost, tokens used ('' = keep what was taken), report field
-#       prefix, prompt tokens, completion tokens, report TTL (s), days kept.
-_SETTLE = (
-    _LIB
-    + """
-sweep()
-local used = nil
-if ARGV[4] ~= '' then used = tonumber(ARGV[4]) end
-drop(ARGV[2], used)
-local cost = ARGV[3]
-if cost ~= '0' then
-  for i = 4, #KEYS do redis.call('HINCRBY', KEYS[i], 'spent', cost) end
-end
-local dayno = math.floor(tonumber(t[1]) / 86400)
-local day = civil(dayno)
-local dkey = base .. 'day:' .. day
-local f = ARGV[5]
-redis.call('HINCRBY', dkey, f .. 'cost', cost)
-redis.call('HINCRBY', dkey, f .. 'calls', 1)
-redis.call('HINCRBY', dkey, f .. 'prompt', ARGV[6])
-redis.call('HINCRBY', dkey, f .. 'completion', ARGV[7])
-redis.call('EXPIRE', dkey, ARGV[8])
-redis.call('ZADD', KEYS[3], 0, day)
-redis.call('ZREMRANGEBYLEX', KEYS[3], '-', '(' .. civil(dayno - tonumber(ARGV[9])))
-return 1
-"""
-)
-
-# KEYS: expiry, reservation. ARGV: base, rid.
-_RELEASE = (
-    _LIB
-    + """
-sweep()
-drop(ARGV[2], 0)
-return 1
 """
 )
 
@@ -385,10 +405,9 @@ class RedisStore:
             decode_responses=True,
         )
         self.client: redis.Redis = redis.Redis.from_pool(pool)
+        self._batch = Batcher(url, _BATCH, f"{self.base}expiry", self.base, timeout_s=timeout_s)
+        self._fields: dict[tuple[str, ...], str] = {}
         register = self.client.register_script
-        self._reserve: AsyncScript = register(_RESERVE)
-        self._settle: AsyncScript = register(_SETTLE)
-        self._release: AsyncScript = register(_RELEASE)
         self._spent: AsyncScript = register(_SPENT)
         self._report: AsyncScript = register(_REPORT)
         self._reset: AsyncScript = register(_RESET)
@@ -402,9 +421,6 @@ class RedisStore:
     def bucket_key(self, key: str) -> str:
         """The Redis key of the token bucket ``key``."""
         return f"{self.base}t:{key}"
-
-    def _reservation_keys(self, rid: str) -> list[str]:
-        return [f"{self.base}expiry", f"{self.base}r:{rid}"]
 
     # -- the Store protocol ---------------------------------------------------------
 
@@ -431,36 +447,32 @@ class RedisStore:
             raise ValueError(f"ttl_s must be positive, not {ttl_s}")
         limits = _merge_counters(counters)
         merged = _merge_buckets(buckets)
-        record = [[b.key, b.take, b.capacity, b.window_s] for b in merged.values() if b.take > 1]
-        keys = self._reservation_keys(rid)
-        keys += [self.counter_key(k) for k in limits]
-        keys += [self.bucket_key(k) for k in merged]
-        args: list[str | int | float] = [
-            self.base,
-            rid,
-            str(int(amount)),
-            repr(float(ttl_s)),
-            json.dumps(list(limits), ensure_ascii=False),
-            json.dumps(record, ensure_ascii=False),
-            len(limits),
-        ]
-        args += [str(int(limit)) for limit in limits.values()]
-        for b in merged.values():
-            args += [b.capacity, b.take, repr(float(b.window_s))]
-        reply: Any = await self._reserve(keys=keys, args=args)
+        op = orjson.dumps(
+            [
+                "r",
+                rid,
+                str(amount),
+                float(ttl_s),
+                [[key, str(limit)] for key, limit in limits.items()],
+                [[b.key, b.take, b.capacity, float(b.window_s)] for b in merged.values()],
+            ]
+        )
+        reply: Any = await self._batch.submit(op)
         if reply[0] == "budget":
             key = list(limits)[int(reply[1]) - 1]
             return Denied("budget", key, None, int(reply[2]) + int(reply[3]))
         if reply[0] == "rate":
             key = list(merged)[int(reply[1]) - 1]
             return Denied("rate", key, float(reply[2]))
-        values = reply[1:]
-        committed = {
-            key: int(values[2 * i]) + int(values[2 * i + 1]) for i, key in enumerate(limits)
-        }
+        committed = {}
+        i = 1
+        for key in limits:
+            committed[key] = int(reply[i]) + int(reply[i + 1])
+            i += 2
         states: dict[str, BucketState] = {}
-        for j, b in enumerate(merged.values()):
-            tokens = float(values[2 * len(limits) + j])
+        for b in merged.values():
+            tokens = float(reply[i])
+            i += 1
             reset_s = max(0.0, (b.capacity - tokens) * b.window_s / b.capacity)
             states[b.key] = BucketState(max(0, math.floor(tokens)), reset_s)
         return Granted(committed, states)
@@ -475,27 +487,31 @@ class RedisStore:
         """
         if cost < 0:
             raise ValueError(f"cost must be >= 0, not {cost}")
-        ident = [usage.team, usage.key_id, usage.user, usage.model]
-        # JSON escapes every control character, so the separator cannot occur in it
-        field = json.dumps(ident, ensure_ascii=False, separators=(",", ":")) + _SEP
-        keys = [*self._reservation_keys(rid), f"{self.base}days"]
-        keys += [self.counter_key(k) for k in dict.fromkeys(counters)]
-        args: list[str | int] = [
-            self.base,
-            rid,
-            str(int(cost)),
-            "" if tokens is None else str(int(tokens)),
-            field,
-            int(usage.prompt_tokens),
-            int(usage.completion_tokens),
-            KEEP_DAYS * 86400,
-            KEEP_DAYS,
-        ]
-        await self._settle(keys=keys, args=args)
+        field = self._fields.get(usage[:4])
+        if field is None:
+            if len(self._fields) > 10_000:
+                self._fields.clear()
+            # JSON escapes every control character, so the separator cannot occur in it
+            field = self._fields[usage[:4]] = (
+                json.dumps(list(usage[:4]), ensure_ascii=False, separators=(",", ":")) + _SEP
+            )
+        op = orjson.dumps(
+            [
+                "s",
+                rid,
+                str(cost),
+                "" if tokens is None else str(tokens),
+                list(dict.fromkeys(counters)),
+                field,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+            ]
+        )
+        await self._batch.submit(op)
 
     async def release(self, rid: str) -> None:
         """See :meth:`veil_budget.store.Store.release`."""
-        await self._release(keys=self._reservation_keys(rid), args=[self.base, rid])
+        await self._batch.submit(orjson.dumps(["x", rid]))
 
     async def spent(self, keys: list[str]) -> dict[str, tuple[int, int]]:
         """See :meth:`veil_budget.store.Store.spent`. Expired reservations are
@@ -552,5 +568,6 @@ class RedisStore:
         return count
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connections."""
+        await self._batch.close()
         await self.client.aclose()

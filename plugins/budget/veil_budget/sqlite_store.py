@@ -2,10 +2,13 @@
 
 What is durable and what is not:
 
-- committed spend (``counters``) and the spend report (``spend_daily``) are
-  written in one transaction when a call settles, in WAL mode with
-  ``synchronous=NORMAL``: a committed transaction survives the process being
-  killed (it is in the WAL file), so a restart finds every settled cost;
+- a settle appends its cost to the store's journal (``<file>.journal``,
+  see :mod:`veil_budget.journal`) before it returns: once the call's answer
+  leaves, its cost survives the process being killed. Every second (and at
+  shutdown) the journal is folded into the SQLite file (WAL mode,
+  ``synchronous=NORMAL``) in one transaction: the counters of committed
+  spend (``counters``) and the spend report (``spend_daily``); a restart
+  folds whatever the last run left in the journal;
 - reservations in flight and rate-limit buckets live in memory: a crash
   drops them, which releases the reservations (their calls' upstream
   answers were never settled: at most those calls' cost goes unrecorded)
@@ -15,15 +18,15 @@ One gateway process owns a store file at a time (an exclusive lock on
 ``<file>.lock``; a second process is refused with a message pointing at
 ``store = "redis"``). Inside the process, policy reloads share the open
 store, so reservations carry over. Other processes may read the file (``veil
-budget report``) and reset counters (``veil budget reset``): the store
+budget report`` reads the SQLite file and the journal) and reset counters
+(``veil budget reset``, recorded with its time in ``resets``): the store
 notices their commits through ``PRAGMA data_version`` (checked at most
-every 0.25 s) and rereads the counters it caches.
+every 0.25 s), rereads the counters it caches, and leaves out of them the
+journal's costs settled before a reset of their counter.
 
 Every method runs on the event loop without awaiting: a reservation is
-checked and taken in one uninterrupted step, so concurrent calls of the
-process cannot interleave. Settles are committed in small transactions (tens
-of microseconds: no ``fsync``, the WAL is written to the OS), the settles of
-one turn of the event loop together, before any of them returns.
+checked and taken, and a settle is journaled and applied, in one
+uninterrupted step, so concurrent calls of the process cannot interleave.
 """
 
 from __future__ import annotations
@@ -35,18 +38,33 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+from .journal import Journal, read_frames
 from .store import Bucket, BucketState, Counter, Denied, Granted, SpendRow, Usage
 
-__all__ = ["SqliteStore", "StoreBusy", "open_sqlite"]
+__all__ = ["FOLD_INTERVAL_S", "SqliteStore", "StoreBusy", "journal_path", "open_sqlite"]
+
+log = structlog.get_logger("veil.budget")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (
     key TEXT PRIMARY KEY,
     spent INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS resets (
+    id INTEGER PRIMARY KEY,
+    pattern TEXT NOT NULL,
+    at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS spend_daily (
     day TEXT NOT NULL,
     team TEXT NOT NULL,
@@ -66,9 +84,9 @@ _ADD_SPENT = (
     "ON CONFLICT (key) DO UPDATE SET spent = spent + excluded.spent"
 )
 _ADD_DAY = (
-    "INSERT INTO spend_daily VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?) "
+    "INSERT INTO spend_daily VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (day, team, key_id, user, model) DO UPDATE SET "
-    "cost = cost + excluded.cost, calls = calls + 1, "
+    "cost = cost + excluded.cost, calls = calls + excluded.calls, "
     "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
     "completion_tokens = completion_tokens + excluded.completion_tokens"
 )
@@ -76,6 +94,10 @@ _ADD_DAY = (
 
 _RECHECK_S = 0.25
 """How often a reserve looks for other processes' commits (``veil budget reset``)."""
+FOLD_INTERVAL_S = 1.0
+"""How often the journal is folded into the SQLite file."""
+_FOLD_RECORDS = 20_000
+"""Fold at once when this many settles are waiting."""
 
 
 def _today() -> str:
@@ -136,15 +158,22 @@ class SqliteStore:
                 'serves one process: set [budget] store = "redis" for several replicas'
             ) from None
         self.db = connect(path)
-        self._version = self._data_version()
         self._spent: dict[str, int] = {}
         self._reserved: dict[str, int] = {}
         self._pending: dict[str, _Reservation] = {}
         self._buckets: dict[str, list[float]] = {}
         self._users = 0
         self._checked = 0.0
-        self._queue: list[tuple[str, int | None, tuple[str, ...], int, tuple[Any, ...]]] = []
-        self._flushing: asyncio.Future[None] | None = None
+        self._unfolded: list[list[Any]] = []
+        self._unfolded_spent: dict[str, int] = {}
+        self._fold_timer: asyncio.TimerHandle | None = None
+        self.journal = Journal(journal_path(path))
+        generation, frames = read_frames(self.journal.path)
+        folded = _folded_generation(self.db)
+        if generation is not None and generation > folded and frames:
+            _fold_into(self.db, frames, generation)  # what the last run left
+        self.journal.restart(max(generation or 0, folded) + 1)
+        self._version = self._data_version()
 
     # -- internals --------------------------------------------------------------
 
@@ -152,8 +181,9 @@ class SqliteStore:
         return int(self.db.execute("PRAGMA data_version").fetchone()[0])
 
     def _fresh(self, now: float) -> None:
-        """Forget cached spend when another connection committed (a reset);
-        checked at most every ``_RECHECK_S``."""
+        """Forget cached spend when another connection committed (a reset),
+        and leave the journal's costs that a reset came after out of the
+        counters; checked at most every ``_RECHECK_S``."""
         if now - self._checked < _RECHECK_S:
             return
         self._checked = now
@@ -161,12 +191,17 @@ class SqliteStore:
         if version != self._version:
             self._version = version
             self._spent.clear()
+            if self._unfolded:
+                resets = _resets_since(self.db, self._unfolded[0][0])
+                self._unfolded_spent = _counter_deltas(self._unfolded, resets)
 
     def _spent_of(self, key: str) -> int:
+        """Committed spend of ``key``: the SQLite file's plus the journal's."""
         spent = self._spent.get(key)
         if spent is None:
             row = self.db.execute("SELECT spent FROM counters WHERE key = ?", (key,)).fetchone()
-            spent = self._spent[key] = int(row[0]) if row else 0
+            spent = int(row[0]) if row else 0
+            spent = self._spent[key] = spent + self._unfolded_spent.get(key, 0)
         return spent
 
     def _expire(self, now: float) -> None:
@@ -190,17 +225,6 @@ class SqliteStore:
                 bucket[0] = min(bucket[2], bucket[0] + back)
         return res
 
-    def _refill(self, bucket: Bucket, now: float) -> list[float]:
-        state = self._buckets.get(bucket.key)
-        rate = bucket.capacity / bucket.window_s
-        if state is None:
-            state = self._buckets[bucket.key] = [float(bucket.capacity), now, bucket.capacity]
-        else:
-            state[2] = bucket.capacity  # a reloaded policy may change the limit
-            state[0] = min(float(bucket.capacity), state[0] + (now - state[1]) * rate)
-            state[1] = now
-        return state
-
     # -- the Store protocol -------------------------------------------------------
 
     async def reserve(
@@ -213,102 +237,98 @@ class SqliteStore:
     ) -> Granted | Denied:
         """See :meth:`veil_budget.store.Store.reserve`."""
         now = time.monotonic()
-        if self._pending and len(self._pending) % 64 == 0:
+        pending = self._pending
+        if pending and len(pending) % 64 == 0:
             self._expire(now)
-        self._fresh(now)
-        limits: dict[str, int] = {}
-        for c in counters:
-            limits[c.key] = min(c.limit, limits.get(c.key, c.limit))
-        committed = {}
-        for key, limit in limits.items():
-            total = self._spent_of(key) + self._reserved.get(key, 0)
-            if total + amount > limit:
+        if now - self._checked >= _RECHECK_S:
+            self._fresh(now)
+        spent, reserved = self._spent, self._reserved
+        committed: dict[str, int] = {}
+        for key, limit in counters:
+            total = spent[key] if key in spent else self._spent_of(key)
+            total += reserved.get(key, 0) + amount
+            if total > limit:
                 self._expire(now)  # what expired may make room
-                total = self._spent_of(key) + self._reserved.get(key, 0)
-                if total + amount > limit:
-                    return Denied("budget", key, None, total)
-            committed[key] = total + amount
+                total = self._spent_of(key) + reserved.get(key, 0) + amount
+                if total > limit:
+                    return Denied("budget", key, None, total - amount)
+            committed[key] = total  # a key listed twice: checked against each limit
         states = []
+        levels = self._buckets
         for b in buckets:
-            state = self._refill(b, now)
-            if state[0] < b.take:
-                rate = b.capacity / b.window_s
-                return Denied("rate", b.key, (b.take - state[0]) / rate)
-            states.append((b, state))
+            key, capacity, take, window_s = b
+            state = levels.get(key)
+            if state is None:
+                state = levels[key] = [float(capacity), now, capacity]
+            else:
+                state[2] = capacity  # a reloaded policy may change the limit
+                level = state[0] + (now - state[1]) * capacity / window_s
+                state[0] = level if level < capacity else float(capacity)
+                state[1] = now
+            if state[0] < take:
+                return Denied("rate", key, (take - state[0]) * window_s / capacity)
+            states.append(state)
         out = {}
-        tokens = {}
-        for b, state in states:
-            state[0] -= b.take
-            if b.take > 1:
-                tokens[b.key] = tokens.get(b.key, 0) + b.take
-            rate = b.capacity / b.window_s
-            out[b.key] = BucketState(int(state[0]), (b.capacity - state[0]) / rate)
-        for key in limits:
-            self._reserved[key] = self._reserved.get(key, 0) + amount
-        self._pending[rid] = _Reservation(amount, tuple(limits), tokens, now + ttl_s)
+        tokens: dict[str, int] = {}
+        for (key, capacity, take, window_s), state in zip(buckets, states, strict=True):
+            left = state[0] = state[0] - take
+            if take > 1:
+                tokens[key] = tokens.get(key, 0) + take
+            out[key] = BucketState(int(left), (capacity - left) * window_s / capacity)
+        for key in committed:
+            reserved[key] = reserved.get(key, 0) + amount
+        pending[rid] = _Reservation(amount, tuple(committed), tokens, now + ttl_s)
         return Granted(committed, out)
 
     async def settle(
         self, rid: str, cost: int, counters: list[str], tokens: int | None, usage: Usage
     ) -> None:
-        """See :meth:`veil_budget.store.Store.settle`.
+        """See :meth:`veil_budget.store.Store.settle`. The cost is in the
+        journal when this returns (see the module doc).
 
-        Settles that arrive in the same turn of the event loop are committed
-        together, in one transaction (group commit); each returns once its
-        transaction is committed."""
-        day = _today()
-        row = (
-            day,
-            usage.team,
-            usage.key_id,
-            usage.user,
-            usage.model,
-            cost,
-            usage.prompt_tokens,
-            usage.completion_tokens,
-        )
-        self._queue.append((rid, tokens, tuple(dict.fromkeys(counters)), cost, row))
-        flushing = self._flushing
-        if flushing is None:
+        :raises OSError: the journal cannot be written; nothing changed (the
+            reservation stays until it expires, so the budget still counts it).
+        """
+        keys = list(dict.fromkeys(counters))
+        record = [time.time(), keys, cost, _today(), *usage]
+        self.journal.append(record)
+        self._unfolded.append(record)
+        if cost:
+            unfolded, spent = self._unfolded_spent, self._spent
+            for key in keys:
+                unfolded[key] = unfolded.get(key, 0) + cost
+                if key in spent:
+                    spent[key] += cost
+        self._drop(rid, used=tokens)
+        if len(self._unfolded) >= _FOLD_RECORDS:
+            self.fold()
+        elif self._fold_timer is None:
             loop = asyncio.get_running_loop()
-            flushing = self._flushing = loop.create_future()
-            loop.call_soon(self._flush)
-        await flushing
+            self._fold_timer = loop.call_later(FOLD_INTERVAL_S, self._fold_later)
 
-    def _flush(self) -> None:
-        """Commit the queued settles in one transaction; then, in the same
-        step, their reservations leave the reserved totals and their costs
-        join the cached spent totals (until then, a concurrent reserve
-        counts each settling call at its reserved amount: never less)."""
-        queue, self._queue = self._queue, []
-        done, self._flushing = self._flushing, None
-        assert done is not None
-        db = self.db
+    def _fold_later(self) -> None:
+        self._fold_timer = None
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                spent = [(key, cost) for _, _, keys, cost, _ in queue if cost for key in keys]
-                if spent:
-                    db.executemany(_ADD_SPENT, spent)
-                db.executemany(_ADD_DAY, [row for *_, row in queue])
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        except Exception as e:  # noqa: BLE001 - handed to every waiting settle
-            # Not recorded (the callers log each lost cost). The reservations
-            # stay until they expire, so the budget still counts them.
-            if not done.done():
-                done.set_exception(e)
+            self.fold()
+        except Exception as e:  # noqa: BLE001 - the journal keeps the costs; try again
+            log.error("budget_fold_failed", error=type(e).__name__, waiting=len(self._unfolded))
+            if self._unfolded:
+                loop = asyncio.get_running_loop()
+                self._fold_timer = loop.call_later(FOLD_INTERVAL_S, self._fold_later)
+
+    def fold(self) -> None:
+        """Commit the journal's settles to the SQLite file and start a new
+        journal generation.
+
+        :raises sqlite3.Error: the commit failed; the journal and the
+            in-memory totals stay as they were.
+        """
+        if not self._unfolded:
             return
-        for rid, tokens, keys, cost, _ in queue:
-            self._drop(rid, used=tokens)
-            if cost:
-                for key in keys:
-                    if key in self._spent:
-                        self._spent[key] += cost
-        if not done.done():
-            done.set_result(None)
+        _fold_into(self.db, self._unfolded, self.journal.generation)
+        self._unfolded = []
+        self._unfolded_spent = {}
+        self.journal.restart(self.journal.generation + 1)
 
     async def release(self, rid: str) -> None:
         """See :meth:`veil_budget.store.Store.release`."""
@@ -322,10 +342,12 @@ class SqliteStore:
 
     async def report(self, since: str | None = None) -> list[SpendRow]:
         """See :meth:`veil_budget.store.Store.report`."""
+        self.fold()
         return read_report(self.db, since)
 
     async def reset(self, pattern: str) -> int:
         """See :meth:`veil_budget.store.Store.reset`."""
+        self.fold()
         count = reset_counters(self.db, pattern)
         self._spent.clear()
         return count
@@ -337,23 +359,128 @@ class SqliteStore:
             if self._users > 0:
                 return
             _OPEN.pop(self.path, None)
-        self.db.close()
-        self._lock_file.close()
+        if self._fold_timer is not None:
+            self._fold_timer.cancel()
+            self._fold_timer = None
+        try:
+            self.fold()
+        finally:
+            self.journal.close()
+            self.db.close()
+            self._lock_file.close()
 
 
-def read_report(db: sqlite3.Connection, since: str | None) -> list[SpendRow]:
-    """The ``spend_daily`` rows of days ``>= since``."""
-    rows = db.execute(
-        "SELECT day, team, key_id, user, model, cost, calls, prompt_tokens, completion_tokens "
-        "FROM spend_daily WHERE day >= ? ORDER BY day, team, key_id, user, model",
-        (since or "",),
-    ).fetchall()
-    return [SpendRow(*row) for row in rows]
+def journal_path(path: Path) -> Path:
+    """The journal of the store file ``path``."""
+    return path.with_name(path.name + ".journal")
+
+
+def _folded_generation(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT value FROM meta WHERE name = 'folded_generation'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _resets_since(db: sqlite3.Connection, since: float) -> list[tuple[str, float]]:
+    rows = db.execute("SELECT pattern, at FROM resets WHERE at > ?", (since,)).fetchall()
+    return [(str(pattern), float(at)) for pattern, at in rows]
+
+
+def _counter_deltas(records: list[Any], resets: list[tuple[str, float]]) -> dict[str, int]:
+    """Each counter's cost in the journal ``records``, leaving out a record's
+    cost on a counter that a later reset matched."""
+    deltas: dict[str, int] = {}
+    for at, keys, cost, *_ in records:
+        if not cost:
+            continue
+        for key in keys:
+            if resets and any(t > at and fnmatchcase(key, p) for p, t in resets):
+                continue
+            deltas[key] = deltas.get(key, 0) + cost
+    return deltas
+
+
+def _day_rows(records: list[Any]) -> dict[tuple[str, ...], list[int]]:
+    """The journal ``records`` summed per (day, team, key, user, model):
+    cost, calls, prompt and completion tokens."""
+    days: dict[tuple[str, ...], list[int]] = {}
+    for _, _, cost, day, team, key_id, user, model, prompt, completion in records:
+        ident = (day, team, key_id, user, model)
+        row = days.get(ident)
+        if row is None:
+            days[ident] = [cost, 1, prompt, completion]
+        else:
+            row[0] += cost
+            row[1] += 1
+            row[2] += prompt
+            row[3] += completion
+    return days
+
+
+def _fold_into(db: sqlite3.Connection, records: list[Any], generation: int) -> None:
+    """Add the journal ``records`` of ``generation`` to the counters and the
+    report, and mark the generation folded, in one transaction."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        resets = _resets_since(db, min(r[0] for r in records))
+        deltas = _counter_deltas(records, resets)
+        if deltas:
+            db.executemany(_ADD_SPENT, deltas.items())
+        db.executemany(_ADD_DAY, [(*k, *v) for k, v in _day_rows(records).items()])
+        db.execute(
+            "INSERT INTO meta VALUES ('folded_generation', ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (generation,),
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def read_report(
+    db: sqlite3.Connection, since: str | None, journal: Path | None = None
+) -> list[SpendRow]:
+    """The spend rows of days ``>= since``: the SQLite file's and, with
+    ``journal``, the settles in it not folded yet (a report from another
+    process while a gateway serves; a fold running meanwhile may leave out
+    the last second's settles)."""
+    db.execute("BEGIN")
+    try:
+        rows = db.execute(
+            "SELECT day, team, key_id, user, model, cost, calls, prompt_tokens, "
+            "completion_tokens FROM spend_daily WHERE day >= ?",
+            (since or "",),
+        ).fetchall()
+        folded = _folded_generation(db) if journal is not None else 0
+    finally:
+        db.execute("COMMIT")
+    sums = {tuple(row[:5]): list(row[5:]) for row in rows}
+    if journal is not None:
+        generation, frames = read_frames(journal)
+        if generation is not None and generation > folded:
+            for ident, extra in _day_rows(frames).items():
+                if ident[0] < (since or ""):
+                    continue
+                row = sums.setdefault(ident, [0, 0, 0, 0])
+                for i, value in enumerate(extra):
+                    row[i] += value
+    return [SpendRow(*ident, *values) for ident, values in sorted(sums.items())]
 
 
 def reset_counters(db: sqlite3.Connection, pattern: str) -> int:
-    """Set the spent total of the counters matching the glob ``pattern`` to 0."""
-    cur = db.execute("UPDATE counters SET spent = 0 WHERE key GLOB ? AND spent != 0", (pattern,))
+    """Set the spent total of the counters matching the glob ``pattern`` to
+    0, and record the reset (a serving gateway leaves the costs it settled
+    before it out of those counters)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        cur = db.execute(
+            "UPDATE counters SET spent = 0 WHERE key GLOB ? AND spent != 0", (pattern,)
+        )
+        db.execute("INSERT INTO resets (pattern, at) VALUES (?, ?)", (pattern, time.time()))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
     return int(cur.rowcount)
 
 

@@ -34,25 +34,26 @@ If the store cannot be reached, the call is refused (503
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
 from veil import BadRequest, Call, GatewayError, Principal, Refused
 from veil import Unavailable as VeilUnavailable
-from veil.types import Chunk, Deployment
+from veil.types import Deployment
 from veil.types import Usage as CallUsage
 
 from .metrics import BudgetMetrics
 from .rules import Applied, applicable, period_end, rate_buckets
 from .settings import BudgetSettings, RateLimitRule
-from .store import NANO, Bucket, BucketState, Denied, Store, Usage
+from .store import NANO, Bucket, BucketState, Counter, Denied, Store, Usage
 from .tokens import count_tokens, prompt_text, prompt_token_bound
 
 __all__ = ["BudgetStage", "open_store"]
@@ -104,9 +105,26 @@ def _usd(nanos: int) -> str:
 def _duration(seconds: float) -> str:
     """OpenAI's reset format: ``120ms``, ``1s``, ``6m0s``."""
     if seconds < 1:
-        return f"{max(0, int(seconds * 1000))}ms"
+        return f"{int(seconds * 1000)}ms" if seconds > 0 else "0ms"
     minutes, secs = divmod(math.ceil(seconds), 60)
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What applies to one caller during one minute (periods start on whole
+    minutes), worked out once: its budgets and their counters (one per key,
+    the smaller limit winning), per-call caps, soft limits and rate-limit
+    bucket shapes."""
+
+    minute: int
+    applied: list[Applied]
+    counters: list[Counter]
+    keys: list[str]
+    caps: list[tuple[Applied, int]]
+    soft: list[Applied]
+    shapes: list[tuple[RateLimitRule, str, str, int]]
+    tpm: bool
 
 
 class BudgetStage:
@@ -120,8 +138,10 @@ class BudgetStage:
         self.active = bool(settings.budgets or settings.rate_limits)
         self.store: Store | None = None
         self.metrics: BudgetMetrics | None = None
-        self._applied: dict[tuple[str, str, str | None], tuple[int, list[Applied]]] = {}
-        self._buckets: dict[tuple[str, str], list[tuple[RateLimitRule, str, str, int]]] = {}
+        self._plans: dict[tuple[str, str, str | None], _Plan] = {}
+        self._prices: dict[tuple[Deployment, ...], tuple[float, float]] = {}
+        self._spend: dict[tuple[str, str], Any] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
 
     async def start(self, metrics: BudgetMetrics | None = None) -> None:
         """Open the store (see :func:`open_store`)."""
@@ -149,25 +169,25 @@ class BudgetStage:
         s = self.settings
         request = call.request
         chat = call.kind == "chat"
-        n = request.get("n") if chat else 1
-        n = n if isinstance(n, int) and n > 0 else 1
+        n = request.get("n", 1) if chat else 1
+        if type(n) is not int or n < 1:
+            n = 1
         output = _output_cap(call, s.default_max_tokens) if chat else 0
-        in_price, out_price = _worst_prices(call)
+        in_price, out_price = self._worst_prices(call)
         prompt = prompt_token_bound(call.kind, request, s.image_tokens)
-        applied = self._budgets_of(call.principal)
+        plan = self._plan_of(call.principal)
         amount = _nanos(prompt, in_price, output * n, out_price)
-        for a in applied:
-            cap = a.rule.max_call_usd
-            if cap is None or amount <= round(cap * NANO):
+        for a, cap in plan.caps:
+            if amount <= cap:
                 continue
-            room = round(cap * NANO) - _nanos(prompt, in_price, 0, 0)
+            room = cap - _nanos(prompt, in_price, 0, 0)
             fits = int(room // (n * out_price * 1000)) if out_price and chat else 0
             if fits < 1:
                 self._count("refused", "per_call")
                 call.decide(self.name, "refused", reason="per_call_cap", budget=a.rule.name)
                 raise BadRequest(
                     f"this call could cost more than the {a.rule.name} allows per call "
-                    f"(${cap:g}); shorten the prompt",
+                    f"(${a.rule.max_call_usd:g}); shorten the prompt",
                     code="max_call_cost_exceeded",
                     param="messages" if chat else "input",
                 )
@@ -175,28 +195,32 @@ class BudgetStage:
             _set_output_cap(request, output)
             amount = _nanos(prompt, in_price, output * n, out_price)
         tokens = prompt + output * n
-        buckets = self._buckets_of(call.principal, tokens)
-        for rule, _kind, bucket in buckets:
-            if bucket.take > bucket.capacity:
-                self._count("refused", "rate")
-                raise Refused(
-                    f"this call may use up to {bucket.take} tokens, more than the {rule.scope} "
-                    f"limit of {bucket.capacity} tokens per minute; lower max_tokens or split "
-                    "the prompt",
-                    type="tokens",
-                    code="rate_limit_exceeded",
-                )
+        buckets = [
+            (rule, kind, Bucket(bkey, cap, 1 if kind == "requests" else tokens))
+            for rule, kind, bkey, cap in plan.shapes
+        ]
+        if plan.tpm:
+            for rule, _kind, bucket in buckets:
+                if bucket.take > bucket.capacity:
+                    self._count("refused", "rate")
+                    raise Refused(
+                        f"this call may use up to {bucket.take} tokens, more than the "
+                        f"{rule.scope} limit of {bucket.capacity} tokens per minute; lower "
+                        "max_tokens or split the prompt",
+                        type="tokens",
+                        code="rate_limit_exceeded",
+                    )
         store = self.store
         try:
             if store is None:
                 raise RuntimeError("the budget store is not open")
             result = await store.reserve(
-                call.id,
-                amount,
-                [a.counter for a in applied],
-                [b for _, _, b in buckets],
-                s.reservation_ttl_s,
+                call.id, amount, plan.counters, [b for _, _, b in buckets], s.reservation_ttl_s
             )
+        except asyncio.CancelledError:  # the client left: the reservation may be in place
+            if store is not None:
+                self._release_later(store, call.id)
+            raise
         except Exception as e:  # noqa: BLE001 - any store failure: refuse or serve unmetered
             self._count("store_error", "reserve")
             log.error(
@@ -210,65 +234,104 @@ class BudgetStage:
                 "was not forwarded"
             ) from None
         if isinstance(result, Denied):
-            self._refuse(call, result, applied, buckets, amount)
+            self._refuse(call, result, plan.applied, buckets, amount)
         headers = call.response_headers
-        _rate_headers(headers, buckets, result.buckets)
-        if applied:
-            remaining = min(a.counter.limit - result.committed[a.counter.key] for a in applied)
+        if buckets:
+            _rate_headers(headers, buckets, result.buckets)
+        if plan.applied:
+            committed = result.committed
+            remaining = min(c.limit - committed[c.key] for c in plan.counters)
             headers["x-veil-budget-remaining-usd"] = _usd(remaining)
-            soft = [
-                a
-                for a in applied
-                if a.soft is not None and result.committed[a.counter.key] > a.soft
-            ]
-            if soft:
-                headers["x-veil-budget-soft-limit"] = "exceeded: " + ", ".join(
-                    a.rule.name for a in soft
-                )
-                for a in soft:
-                    self._count("soft_limit", a.rule.scope)
-                log.warning(
-                    "budget_soft_limit_exceeded",
-                    request_id=call.id,
-                    budgets=[a.rule.name for a in soft],
-                )
-        call.scratch[_STATE] = {
-            "counters": [a.counter.key for a in applied],
-            "amount": amount,
-            "out": [],
-        }
-        call.decide(self.name, "reserved", usd=amount / NANO, budgets=len(applied))
+            if plan.soft:
+                self._soft(call, plan.soft, committed)
+        call.scratch[_STATE] = [plan.keys, amount, False]
+        if call.stream:
+            call.stream_text = []
+        call.decide(self.name, "reserved", usd=amount / NANO, budgets=len(plan.applied))
 
-    def _budgets_of(self, principal: Principal) -> list[Applied]:
-        """The budgets of this caller now (cached for the minute: periods
-        start on whole minutes)."""
+    def _release_later(self, store: Store, rid: str) -> None:
+        """Release ``rid`` in the background (its call was cancelled while
+        reserving, so it cannot await)."""
+
+        async def release() -> None:
+            try:
+                await store.release(rid)
+            except Exception as e:  # noqa: BLE001 - the reservation expires by itself
+                self._count("store_error", "release")
+                log.error(
+                    "budget_store_failed", request_id=rid, op="release", error=type(e).__name__
+                )
+
+        task = asyncio.ensure_future(release())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _soft(self, call: Call, soft: list[Applied], committed: dict[str, int]) -> None:
+        over = [a for a in soft if committed[a.counter.key] > (a.soft or 0)]
+        if not over:
+            return
+        names = ", ".join(a.rule.name for a in over)
+        call.response_headers["x-veil-budget-soft-limit"] = "exceeded: " + names
+        for a in over:
+            self._count("soft_limit", a.rule.scope)
+        log.warning(
+            "budget_soft_limit_exceeded",
+            request_id=call.id,
+            budgets=[a.rule.name for a in over],
+        )
+
+    def _plan_of(self, principal: Principal) -> _Plan:
+        """This caller's :class:`_Plan` for the current minute."""
         minute = int(time.time() // 60)
         key = (principal.team, principal.key_id, principal.user)
-        found = self._applied.get(key)
-        if found is None or found[0] != minute:
-            if len(self._applied) > 10_000:
-                self._applied.clear()
-            now = dt.datetime.fromtimestamp(minute * 60 + 30, dt.UTC)
-            found = self._applied[key] = (minute, applicable(self.settings.budgets, principal, now))
-        return found[1]
+        plan = self._plans.get(key)
+        if plan is None or plan.minute != minute:
+            if len(self._plans) > 10_000:
+                self._plans.clear()
+            plan = self._plans[key] = self._make_plan(principal, minute)
+        return plan
 
-    def _buckets_of(
-        self, principal: Principal, tokens: int
-    ) -> list[tuple[RateLimitRule, str, Bucket]]:
-        """This caller's rate-limit buckets, a token bucket taking ``tokens``."""
-        key = (principal.team, principal.key_id)
-        shapes = self._buckets.get(key)
-        if shapes is None:
-            if len(self._buckets) > 10_000:
-                self._buckets.clear()
-            shapes = self._buckets[key] = [
-                (rule, kind, b.key, b.capacity)
-                for rule, kind, b in rate_buckets(self.settings.rate_limits, principal, 1)
-            ]
-        return [
-            (rule, kind, Bucket(bkey, cap, 1 if kind == "requests" else tokens))
-            for rule, kind, bkey, cap in shapes
+    def _make_plan(self, principal: Principal, minute: int) -> _Plan:
+        now = dt.datetime.fromtimestamp(minute * 60 + 30, dt.UTC)
+        applied = applicable(self.settings.budgets, principal, now)
+        limits: dict[str, int] = {}
+        for a in applied:
+            limits[a.counter.key] = min(a.counter.limit, limits.get(a.counter.key, a.counter.limit))
+        shapes = [
+            (rule, kind, b.key, b.capacity)
+            for rule, kind, b in rate_buckets(self.settings.rate_limits, principal, 1)
         ]
+        return _Plan(
+            minute=minute,
+            applied=applied,
+            counters=[Counter(k, v) for k, v in limits.items()],
+            keys=list(limits),
+            caps=[
+                (a, round(a.rule.max_call_usd * NANO))
+                for a in applied
+                if a.rule.max_call_usd is not None
+            ],
+            soft=[a for a in applied if a.soft is not None],
+            shapes=shapes,
+            tpm=any(kind == "tokens" for _, kind, _, _ in shapes),
+        )
+
+    def _worst_prices(self, call: Call) -> tuple[float, float]:
+        """The highest input and output prices over the deployments the call
+        may reach (its route; without one, every deployment its team may use)."""
+        deps: tuple[Deployment, ...]
+        if call.route is not None and call.route.deployments:
+            deps = tuple(call.route.deployments)
+        else:
+            team = call.principal.team
+            models = call.policy.models.values()
+            deps = tuple(d for group in models for d in group if d.allows(team))
+        prices = self._prices.get(deps)
+        if prices is None:
+            if len(self._prices) > 10_000:
+                self._prices.clear()
+            prices = self._prices[deps] = _max_prices(deps)
+        return prices
 
     def _refuse(
         self,
@@ -277,7 +340,7 @@ class BudgetStage:
         applied: list[Applied],
         buckets: list[tuple[RateLimitRule, str, Any]],
         amount: int,
-    ) -> None:
+    ) -> NoReturn:
         if denied.kind == "budget":
             a = next(a for a in applied if a.counter.key == denied.key)
             end = period_end(a.rule.period, dt.datetime.now(dt.UTC))
@@ -313,13 +376,6 @@ class BudgetStage:
 
     # -- response -----------------------------------------------------------------
 
-    def wrap_stream(self, call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-        """Keep the streamed text, to count it if the stream ends without usage."""
-        mine = call.scratch.get(_STATE)
-        if mine is None:
-            return chunks
-        return _collect(chunks, mine["out"])
-
     async def on_response(self, call: Call) -> None:
         """Settle the call's real cost (see the module doc)."""
         mine = call.scratch.get(_STATE)
@@ -329,10 +385,10 @@ class BudgetStage:
     async def on_error(self, call: Call, error: GatewayError) -> None:
         """Settle what the upstream already spent; release the rest."""
         mine = call.scratch.get(_STATE)
-        if mine is None or mine.get("settled"):
+        if mine is None or mine[2]:
             return
         if call.usage is None and call.deployment is None:
-            mine["settled"] = True
+            mine[2] = True
             store = self.store
             if store is not None:
                 try:
@@ -349,16 +405,18 @@ class BudgetStage:
             return
         await self._settle(call, mine, finished=False)
 
-    async def _settle(self, call: Call, mine: dict[str, Any], *, finished: bool) -> None:
-        mine["settled"] = True
-        usage, counted = _usage(call, mine["out"])
+    async def _settle(self, call: Call, mine: list[Any], *, finished: bool) -> None:
+        mine[2] = True
+        keys, amount = mine[0], mine[1]
+        usage, counted = _usage(call)
         dep = call.deployment
         cost = round(dep.cost(usage) * NANO) if dep is not None else 0
         model = dep.name if dep is not None else str(call.request.get("model") or "")
+        principal = call.principal
         record = Usage(
-            call.principal.team,
-            call.principal.key_id,
-            call.principal.user or "",
+            principal.team,
+            principal.key_id,
+            principal.user or "",
             model,
             usage.prompt_tokens,
             usage.completion_tokens,
@@ -368,11 +426,7 @@ class BudgetStage:
             if store is None:
                 raise RuntimeError("the budget store is not open")
             await store.settle(
-                call.id,
-                cost,
-                mine["counters"],
-                usage.prompt_tokens + usage.completion_tokens,
-                record,
+                call.id, cost, keys, usage.prompt_tokens + usage.completion_tokens, record
             )
         except Exception as e:  # noqa: BLE001 - logged loudly with the amount; never raised
             self._count("store_error", "settle")
@@ -381,15 +435,22 @@ class BudgetStage:
                 request_id=call.id,
                 error=type(e).__name__,
                 cost_usd=_usd(cost),
-                budgets=len(mine["counters"]),
+                budgets=len(keys),
             )
-        if self.metrics is not None and cost:
-            self.metrics.spend.labels(call.principal.team, model).inc(cost / NANO)
+        if cost and self.metrics is not None:
+            child = self._spend.get((principal.team, model))
+            if child is None:
+                if len(self._spend) > 10_000:
+                    self._spend.clear()
+                child = self._spend[principal.team, model] = self.metrics.spend.labels(
+                    principal.team, model
+                )
+            child.inc(cost / NANO)
         call.decide(
             self.name,
             "settled" if finished else "settled_partial",
             usd=cost / NANO,
-            reserved_usd=mine["amount"] / NANO,
+            reserved_usd=amount / NANO,
             counted=counted,
         )
 
@@ -398,27 +459,14 @@ class BudgetStage:
             self.metrics.count(what, label)
 
 
-async def _collect(chunks: AsyncIterator[Chunk], out: list[str]) -> AsyncIterator[Chunk]:
-    async for chunk in chunks:
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            text = delta.get("content")
-            if isinstance(text, str):
-                out.append(text)
-            for tool in delta.get("tool_calls") or ():
-                args = (tool.get("function") or {}).get("arguments")
-                if isinstance(args, str):
-                    out.append(args)
-        yield chunk
-
-
-def _usage(call: Call, streamed: list[str]) -> tuple[CallUsage, bool]:
+def _usage(call: Call) -> tuple[CallUsage, bool]:
     """The call's usage, and whether veil counted it (no usage from upstream)."""
     if call.usage is not None:
         return call.usage, False
     if call.deployment is None:
         return CallUsage(), False
     prompt = count_tokens(prompt_text(call.request)) if call.kind == "chat" else 0
+    streamed = call.stream_text
     if streamed:
         completion = count_tokens("".join(streamed))
     else:
@@ -435,13 +483,7 @@ def _nanos(prompt: int, in_price: float, output: int, out_price: float) -> int:
     return math.ceil((prompt * in_price + output * out_price) * (NANO / 1_000_000))
 
 
-def _worst_prices(call: Call) -> tuple[float, float]:
-    deps: list[Deployment]
-    if call.route is not None and call.route.deployments:
-        deps = call.route.deployments
-    else:
-        team = call.principal.team
-        deps = [d for group in call.policy.models.values() for d in group if d.allows(team)]
+def _max_prices(deps: tuple[Deployment, ...]) -> tuple[float, float]:
     if not deps:
         return 0.0, 0.0
     return (
@@ -453,16 +495,13 @@ def _worst_prices(call: Call) -> tuple[float, float]:
 def _output_cap(call: Call, default: int) -> int:
     """The call's output cap per choice, setting the default when it has none."""
     request = call.request
-    caps = [
-        v
-        for v in (request.get("max_completion_tokens"), request.get("max_tokens"))
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0
-    ]
+    cap = 0
+    for v in (request.get("max_completion_tokens"), request.get("max_tokens")):
+        if type(v) is int and v > 0 and (not cap or v < cap):
+            cap = v
+    if not cap:
+        request["max_completion_tokens"] = cap = default
     route_cap = call.route.max_output_tokens if call.route else None
-    if not caps:
-        request["max_completion_tokens"] = default
-        caps = [default]
-    cap = min(caps)
     return min(cap, route_cap) if route_cap else cap
 
 
@@ -484,12 +523,23 @@ def _rate_headers(
         if state is None:
             continue
         current = tightest.get(kind)
-        if current is None or state.remaining < current[1]:
-            tightest[kind] = (bucket.capacity, state.remaining, state.reset_s)
+        if current is None or state[0] < current[1]:
+            tightest[kind] = (bucket.capacity, state[0], state[1])
     for kind, (limit, remaining, reset) in tightest.items():
-        headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-        headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, remaining))
-        headers[f"x-ratelimit-reset-{kind}"] = _duration(reset)
+        names = _HEADER_NAMES[kind]
+        headers[names[0]] = str(limit)
+        headers[names[1]] = str(remaining) if remaining > 0 else "0"
+        headers[names[2]] = _duration(reset)
+
+
+_HEADER_NAMES = {
+    kind: (
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+    for kind in ("requests", "tokens")
+}
 
 
 def _who_label(rule: RateLimitRule, call: Call) -> str:
