@@ -407,9 +407,13 @@ def test_bad_arguments_are_refused() -> None:
 def test_an_unreachable_redis_raises() -> None:
     async def main() -> None:
         async with opened(f"redis://127.0.0.1:{free_port()}/0") as s:
+            failed: list[int] = []
+            s.settle_failed = lambda: failed.append(1)
+            await s.settle("r", 1, ["c"], None, USAGE)  # queued; reported when it fails
+            await asyncio.sleep(0.2)
+            assert failed == [1]
             calls = [
                 s.reserve("r", 1, [Counter("c", 10)], [Bucket("b", 10, 1, 60.0)], 30),
-                s.settle("r", 1, ["c"], None, USAGE),
                 s.release("r"),
                 s.spent(["c"]),
                 s.report(),

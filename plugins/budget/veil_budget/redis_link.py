@@ -24,6 +24,7 @@ next operation connects again. Nothing is retried.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ssl
 from collections import deque
@@ -168,10 +169,19 @@ class Batcher:
     :param slot_key: the declared key (routes the call, names the slot).
     :param head: the script's first argument.
     :param timeout_s: connect timeout and the longest wait for a reply.
+    :param linger_s: how long an operation submitted with ``urgent=False``
+        may wait for company before it is sent on its own.
     """
 
     def __init__(
-        self, url: str, script: str, slot_key: str, head: str, *, timeout_s: float
+        self,
+        url: str,
+        script: str,
+        slot_key: str,
+        head: str,
+        *,
+        timeout_s: float,
+        linger_s: float = 0.001,
     ) -> None:
         self.url = url
         self.script = script
@@ -179,6 +189,9 @@ class Batcher:
         self.slot_key = slot_key
         self.head = head
         self.timeout_s = timeout_s
+        self.linger_s = linger_s
+        self._timer: asyncio.TimerHandle | None = None
+        self._in_flight: set[asyncio.Future[Any]] = set()
         self._link: Link | None = None
         self._connecting: asyncio.Task[Link] | None = None
         self._ops: list[bytes] = []
@@ -187,20 +200,42 @@ class Batcher:
         self._closed = False
         self._tasks: set[asyncio.Future[None]] = set()
 
-    def submit(self, op: bytes) -> asyncio.Future[Any]:
+    def submit(self, op: bytes, *, urgent: bool = True) -> asyncio.Future[Any]:
         """Queue one operation (the script's encoding of it); the future
-        gets its reply once the turn's batch comes back."""
+        gets its reply once its batch comes back.
+
+        An urgent operation goes with the current turn's batch. One that is
+        not (a settle nobody waits for) waits up to ``linger_s`` for the
+        next urgent one to ride along with: under load, a settle costs no
+        round trip of its own."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._ops.append(op)
         self._futures.append(future)
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
+        if urgent:
+            if not self._scheduled:
+                self._scheduled = True
+                loop.call_soon(self._flush)
+        elif not self._scheduled and self._timer is None:
+            self._timer = loop.call_later(self.linger_s, self._flush)
+        if not urgent:
+            self._in_flight.add(future)
+            future.add_done_callback(self._in_flight.discard)
         return future
+
+    async def drain(self) -> None:
+        """Send what waits and wait for every operation submitted without
+        ``urgent`` (their failures are their submitters' business)."""
+        if self._ops:
+            self._flush()
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight))
 
     def _flush(self) -> None:
         self._scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         ops, futures = self._ops, self._futures
         self._ops, self._futures = [], []
         if not ops:
@@ -281,7 +316,10 @@ class Batcher:
                 future.set_result(result)
 
     async def close(self) -> None:
-        """Close the connection; later operations fail."""
+        """Send and wait for what waits, then close the connection; later
+        operations fail."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.drain(), self.timeout_s)
         self._closed = True
         if self._connecting is not None:
             self._connecting.cancel()

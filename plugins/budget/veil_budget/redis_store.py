@@ -43,12 +43,15 @@ by effects, so ``TIME`` may come before writes).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import redis.asyncio as redis
+import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -57,6 +60,8 @@ from .redis_link import Batcher
 from .store import Bucket, BucketState, Counter, Denied, Granted, SpendRow, Usage
 
 __all__ = ["RedisStore"]
+
+log = structlog.get_logger("veil.budget")
 
 KEEP_DAYS = 400
 """Days a spend report stays in Redis after its last write."""
@@ -407,6 +412,8 @@ class RedisStore:
         self.client: redis.Redis = redis.Redis.from_pool(pool)
         self._batch = Batcher(url, _BATCH, f"{self.base}expiry", self.base, timeout_s=timeout_s)
         self._fields: dict[tuple[str, ...], str] = {}
+        self.settle_failed: Callable[[], None] | None = None
+        """Called for each settle that failed (the stage counts them)."""
         register = self.client.register_script
         self._spent: AsyncScript = register(_SPENT)
         self._report: AsyncScript = register(_REPORT)
@@ -483,6 +490,14 @@ class RedisStore:
         """See :meth:`veil_budget.store.Store.settle`. The report's day is the
         Redis server's UTC day.
 
+        Returns once the settle is queued: it goes to Redis with the next
+        reserve of this process, or on its own within a millisecond, and
+        its reservation keeps counting in full until it lands (so the
+        budget's bound holds meanwhile). A settle that fails is logged with
+        its cost and counted by ``settle_failed`` (the reservation then
+        expires). :meth:`spent`, :meth:`report`, :meth:`reset` and
+        :meth:`close` first wait for the settles queued before them.
+
         :raises ValueError: a negative ``cost``.
         """
         if cost < 0:
@@ -507,7 +522,21 @@ class RedisStore:
                 usage.completion_tokens,
             ]
         )
-        await self._batch.submit(op)
+        future = self._batch.submit(op, urgent=False)
+        future.add_done_callback(lambda f: self._settled(f, rid, cost))
+
+    def _settled(self, future: asyncio.Future[Any], rid: str, cost: int) -> None:
+        error = None if future.cancelled() else future.exception()
+        if error is None:
+            return
+        log.error(
+            "budget_settle_failed",
+            request_id=rid,
+            error=type(error).__name__,
+            cost_usd=f"{cost / 1e9:.6f}",
+        )
+        if self.settle_failed is not None:
+            self.settle_failed()
 
     async def release(self, rid: str) -> None:
         """See :meth:`veil_budget.store.Store.release`."""
@@ -516,6 +545,7 @@ class RedisStore:
     async def spent(self, keys: list[str]) -> dict[str, tuple[int, int]]:
         """See :meth:`veil_budget.store.Store.spent`. Expired reservations are
         expired first, so ``reserved`` counts only live ones."""
+        await self._batch.drain()
         unique = list(dict.fromkeys(keys))
         redis_keys = [f"{self.base}expiry"] + [self.counter_key(k) for k in unique]
         values: Any = await self._spent(keys=redis_keys, args=[self.base])
@@ -525,6 +555,7 @@ class RedisStore:
         """See :meth:`veil_budget.store.Store.report`. Rows come sorted by
         day, team, key, user and model; ``since`` compares as a string (like
         the SQLite store: ``2026-11`` selects November 2026 onwards)."""
+        await self._batch.drain()
         first = "-" if since is None else "[" + since
         reply: Any = await self._report(keys=[f"{self.base}days"], args=[self.base, first])
         rows: list[SpendRow] = []
@@ -558,6 +589,7 @@ class RedisStore:
         ``[...]`` (a backslash is literal). Counts the counters whose spent
         was not already 0. Each batch of 1000 counters is reset atomically;
         a counter created after the ``SCAN`` passed is not reset."""
+        await self._batch.drain()
         match = _glob_escape(self.counter_key("")) + pattern.replace("\\", "\\\\")
         found = [key async for key in self.client.scan_iter(match=match, count=1000)]
         unique = list(dict.fromkeys(found))

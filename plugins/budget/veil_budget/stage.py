@@ -148,6 +148,8 @@ class BudgetStage:
         self.metrics = metrics
         if self.store is None:
             self.store = open_store(self.settings)
+        if hasattr(self.store, "settle_failed"):  # settles that fail after returning
+            self.store.settle_failed = lambda: self._count("store_error", "settle")
 
     async def close(self) -> None:
         """Close the store (a SQLite file stays open while another policy uses it)."""
