@@ -26,6 +26,7 @@ from .errors import (
     NotFound,
     PluginError,
     PolicyError,
+    StageFailed,
     UpstreamError,
 )
 from .metrics import Metrics
@@ -60,6 +61,7 @@ class Runtime:
         self.settings = settings
         self.pipeline = pipeline
         self.stages = pipeline.stages
+        self.finishers = tuple(s for s in reversed(pipeline.stages) if s.method("on_finish"))
         self.providers = providers
         self.routes = routes
         self.metrics = metrics
@@ -228,6 +230,62 @@ class Runtime:
         if call.error is None:
             call.error = error
             await self.pipeline.run_error(call, error)
+            if self.finishers:
+                await self._finish(call, failed=True)
+
+    async def _finish(self, call: Call, *, failed: bool) -> None:
+        """Every stage's ``on_finish``, in reverse policy order, once the call's
+        outcome is settled and before the client gets it.
+
+        On the success path (``failed=False``) a ``GatewayError`` a stage raises
+        fails the call (:meth:`fail` then runs ``on_error`` and ``on_finish``
+        again, with ``call.error`` set); any other exception fails it closed
+        with ``StageFailed``, unless the stage is ``fail = "open"``. On the
+        failure path nothing is raised: failures are logged.
+        """
+        for spec in self.finishers:
+            try:
+                async with asyncio.timeout(spec.timeout):
+                    await spec.stage.on_finish(call)
+            except GatewayError as e:
+                if not failed:
+                    raise
+                log.error(
+                    "stage_on_finish_failed",
+                    request_id=call.id,
+                    stage=spec.name,
+                    error=type(e).__name__,
+                    code=e.code,
+                )
+            except Exception as e:
+                timed_out = isinstance(e, TimeoutError)
+                log.error(
+                    "stage_failed",
+                    request_id=call.id,
+                    plugin=spec.plugin,
+                    stage=spec.name,
+                    hook="on_finish",
+                    error=type(e).__name__,
+                    timed_out=timed_out,
+                    fail_open=spec.fail_open,
+                )
+                call.decide(
+                    spec.name,
+                    "failed",
+                    hook="on_finish",
+                    error=type(e).__name__,
+                    timed_out=timed_out,
+                )
+                if failed or spec.fail_open:
+                    continue
+                raise StageFailed(
+                    f"the {spec.name} stage could not finish the call and the policy fails it "
+                    f"closed; request id {call.id}",
+                    stage=spec.name,
+                    status=503,
+                    type="server_error",
+                    code="stage_timeout" if timed_out else "stage_failed",
+                ) from None
 
     async def complete(self, call: Call) -> dict[str, Any]:
         """Run a non-streaming call end to end; return the response body.
@@ -244,6 +302,8 @@ class Runtime:
                     call.response = await self._forward(call, "embeddings")
                 call.usage = Usage.from_openai(call.response.get("usage"))
             await self.pipeline.run_response(call)
+            if self.finishers:
+                await self._finish(call, failed=False)
             return call.response
         except GatewayError as e:
             await self.fail(call, e)
@@ -273,9 +333,12 @@ class Runtime:
         return _for_client(chunks, include_usage)
 
     async def finish_stream(self, call: Call) -> None:
-        """After the last chunk: run ``on_response`` in reverse order."""
+        """After the last chunk: run ``on_response`` in reverse order, then
+        ``on_finish`` (before the stream's final ``[DONE]`` is sent)."""
         try:
             await self.pipeline.run_response(call)
+            if self.finishers:
+                await self._finish(call, failed=False)
         except GatewayError as e:
             await self.fail(call, e)
             raise
@@ -309,7 +372,9 @@ class Runtime:
         if route is None or not route.deployments:
             raise NotFound.model(call.request.get("model"))
         last: UpstreamError | None = None
-        for dep in route.deployments:
+        for index, dep in enumerate(route.deployments):
+            if index:
+                call.failovers += 1
             provider = self.providers[dep.provider]
             body = self._body_for(call, dep.model, op)
             for attempt in range(dep.max_retries + 1):
@@ -393,7 +458,9 @@ async def _replay(chunks: Any) -> AsyncIterator[Chunk]:
 
 
 async def _observe(call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-    """Note usage as it passes; close the upstream when done or abandoned."""
+    """Note usage as it passes; close the upstream when done or abandoned.
+    The time the stream flowed counts as upstream time."""
+    t0 = time.perf_counter()
     try:
         async for chunk in chunks:
             usage = chunk.get("usage")
@@ -401,6 +468,7 @@ async def _observe(call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Ch
                 call.usage = Usage.from_openai(usage)
             yield chunk
     finally:
+        call.upstream_seconds += time.perf_counter() - t0
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
@@ -411,6 +479,7 @@ async def _observe_for_client(
 ) -> AsyncIterator[Chunk]:
     """:func:`_observe` and :func:`_for_client` in one generator, for
     pipelines without stream wrappers (one generator less per chunk)."""
+    t0 = time.perf_counter()
     try:
         async for chunk in chunks:
             usage = chunk.get("usage")
@@ -420,6 +489,7 @@ async def _observe_for_client(
                     continue
             yield normalize_chunk(chunk, include_usage)
     finally:
+        call.upstream_seconds += time.perf_counter() - t0
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
