@@ -75,7 +75,7 @@ class CacheStage:
         self.store: dict[bytes, dict[str, Any]] = {}
 
     async def on_request(self, call: Call) -> None:
-        key = orjson.dumps(call.request.get("messages"))
+        key = orjson.dumps([call.request.get("model"), call.request.get("messages")])
         found = self.store.get(key)
         if found is not None:
             call.response = found

@@ -5,6 +5,7 @@ network access, written for a reader who is not an engineer."""
 from __future__ import annotations
 
 import html
+import re
 from typing import Any
 
 import pygal
@@ -21,7 +22,7 @@ border-bottom:1px solid #ddd;padding-bottom:.2rem}
 .card{border:1px solid #ddd;border-radius:6px;padding:.7rem 1rem;min-width:9rem}
 .card b{display:block;font-size:1.4rem}.ok{color:#17693a}.bad{color:#a21c1c}
 table{border-collapse:collapse;width:100%;margin:.6rem 0}th,td{text-align:left;
-padding:.3rem .5rem;border-bottom:1px solid #eee}td.n{text-align:right;
+padding:.3rem .5rem;border-bottom:1px solid #eee}th:not(:first-child),td.n{text-align:right;
 font-variant-numeric:tabular-nums}figure{margin:1rem 0}figure svg{width:100%;height:auto}
 figcaption{color:#555;font-size:.9rem}
 """
@@ -41,12 +42,21 @@ def _chart(kind: type[Any], title: str, **config: Any) -> Any:
     )
 
 
+_SCRIPT = re.compile(r"<script\b.*?</script>", re.DOTALL)
+
+
 def _figure(chart: Any, caption: str, name: str) -> str:
-    svg = chart.render(is_unicode=True)
+    # pygal inlines its tooltip configuration as a script even without its
+    # JavaScript; the page runs no script, so it goes
+    svg = _SCRIPT.sub("", chart.render(is_unicode=True))
     return (
         f'<figure class="chart" data-chart="{name}">{svg}'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
     )
+
+
+def _usd(amount: float) -> str:
+    return f"${amount:,.2f}" if amount >= 1 else f"${amount:.6f}"
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -89,7 +99,7 @@ def render_html(summary: dict[str, Any], integrity: str, intact: bool | None) ->
         f'<p class="{state}"><strong>Integrity:</strong> {html.escape(integrity)}</p>',
         '<div class="cards">',
         f"<div class=card><b>{t['calls']:,}</b>calls</div>",
-        f"<div class=card><b>${t['cost_usd']:,.2f}</b>spent</div>",
+        f"<div class=card><b>{_usd(t['cost_usd'])}</b>spent</div>",
         f"<div class=card><b>{t['tokens_in'] + t['tokens_out']:,}</b>tokens</div>",
         f"<div class=card><b>{sum(sum(a.values()) for a in summary['pii'].values()):,}</b>"
         "personal data items found</div>",

@@ -136,7 +136,9 @@ def build_record(
     total = end - call.started
     upstream = call.upstream_seconds
     dep = call.deployment
-    usage = call.usage
+    # tokens the upstream spent: a call a stage answered (a cache hit) spent none,
+    # whatever usage its replayed answer carries
+    usage = call.usage if call.answered_by is None else None
     error = call.error
     derived = CallFacts(call)
     p = call.principal
