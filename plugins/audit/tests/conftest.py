@@ -86,7 +86,7 @@ def audit_gateway(
             pipeline=names,
             plugins={name: (entries or {}).get(name, {}) for name in names},
             deployments=deployments or [upstream(mock_upstream.url)],
-            gateway={"default_stage_timeout_ms": 10000},
+            gateway={"default_stage_timeout_ms": 30000},
         )
         for name, values in {**(sections or {}), "audit": audit}.items():
             text += section(name, values)

@@ -9,11 +9,53 @@ reuse them.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily
 
 __all__ = ["AuditMetrics"]
+
+
+class _Totals:
+    """Calls, tokens and cost by team and model, kept in plain dicts and
+    turned into counters when ``/metrics`` is read: a per-call update costs
+    a few additions instead of four locked counter increments."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str, int], list[float]] = {}
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        calls = CounterMetricFamily(
+            "veil_audit_calls", "Calls audited, by team, model and HTTP status.",
+            labels=["team", "model", "status"],
+        )  # fmt: skip
+        tokens = CounterMetricFamily(
+            "veil_audit_tokens", "Tokens, by team, model and direction (input, output).",
+            labels=["team", "model", "direction"],
+        )  # fmt: skip
+        cost = CounterMetricFamily(
+            "veil_audit_cost_usd", "Cost in USD at the deployments' prices, by team and model.",
+            labels=["team", "model"],
+        )  # fmt: skip
+        by_model: dict[tuple[str, str], list[float]] = {}
+        for (team, model, status), row in list(self.rows.items()):
+            calls.add_metric([team, model, str(status)], row[0])
+            acc = by_model.setdefault((team, model), [0.0, 0.0, 0.0])
+            acc[0] += row[1]
+            acc[1] += row[2]
+            acc[2] += row[3]
+        for (team, model), (tin, tout, usd) in by_model.items():
+            tokens.add_metric([team, model, "input"], tin)
+            tokens.add_metric([team, model, "output"], tout)
+            cost.add_metric([team, model], usd)
+        yield calls
+        yield tokens
+        yield cost
 
 
 class AuditMetrics:
@@ -34,18 +76,8 @@ class AuditMetrics:
         def counter(name: str, doc: str, labels: list[str]) -> Counter:
             return Counter(name, doc, labels, registry=registry)
 
-        self.calls = counter(
-            "veil_audit_calls", "Calls audited, by team, model and HTTP status.",
-            ["team", "model", "status"],
-        )  # fmt: skip
-        self.tokens = counter(
-            "veil_audit_tokens", "Tokens, by team, model and direction (input, output).",
-            ["team", "model", "direction"],
-        )  # fmt: skip
-        self.cost = counter(
-            "veil_audit_cost_usd", "Cost in USD at the deployments' prices, by team and model.",
-            ["team", "model"],
-        )  # fmt: skip
+        self.totals = _Totals()
+        registry.register(self.totals)  # type: ignore[arg-type]
         self.pii = counter(
             "veil_audit_pii_detections", "Personal data found, by entity type and action.",
             ["entity_type", "action"],
@@ -69,7 +101,6 @@ class AuditMetrics:
         )
         self.written = self.records.labels("written")
         self.dropped = self.records.labels("dropped")
-        self._children: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
 
     @classmethod
     def for_registry(cls, registry: Any) -> AuditMetrics:
@@ -81,32 +112,21 @@ class AuditMetrics:
             return found[1]
 
     def observe(self, record: dict[str, Any]) -> None:
-        """Count one call's record (label children cached: this is the hot path)."""
+        """Count one call's record (this is the hot path: see :class:`_Totals`)."""
         team = record["principal"]["team"]
         model = record["deployment"] or record["model"]
-        status = record["status"]
-        key = (team, model, status)
-        children = self._children.get(key)
-        if children is None:
-            if len(self._children) > 10_000:
-                self._children.clear()
-            children = self._children[key] = (
-                self.calls.labels(team, model, str(status)),
-                self.tokens.labels(team, model, "input"),
-                self.tokens.labels(team, model, "output"),
-                self.cost.labels(team, model),
-            )
-        calls, tokens_in, tokens_out, cost = children
-        calls.inc()
-        if record["tokens_in"]:
-            tokens_in.inc(record["tokens_in"])
-        if record["tokens_out"]:
-            tokens_out.inc(record["tokens_out"])
-        if record["cost_usd"]:
-            cost.inc(record["cost_usd"])
-        for kind, actions in record["pii"].items():
-            for action, n in actions.items():
-                self.pii.labels(kind, action).inc(n)
+        key = (team, model, record["status"])
+        row = self.totals.rows.get(key)
+        if row is None:
+            row = self.totals.rows[key] = [0, 0, 0, 0.0]
+        row[0] += 1
+        row[1] += record["tokens_in"]
+        row[2] += record["tokens_out"]
+        row[3] += record["cost_usd"]
+        if record["pii"]:
+            for kind, actions in record["pii"].items():
+                for action, n in actions.items():
+                    self.pii.labels(kind, action).inc(n)
         if record["cache"] is not None:
             self.cache.labels(team, record["cache"]).inc()
         budget = record["budget"]

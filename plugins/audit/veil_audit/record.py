@@ -103,6 +103,18 @@ class CallFacts:
         self.pii_scanned = scanned
 
 
+class _NoFacts:
+    __slots__ = ()
+    budget = None
+    cache = None
+    decisions: list[str] = []
+    pii: dict[str, dict[str, int]] = {}
+    pii_scanned = False
+
+
+_NO_FACTS: Any = _NoFacts()
+
+
 def cache_status(call: Call) -> str | None:
     """``hit``, ``miss``, ``stored``, ``bypass`` or ``None`` (no cache stage)."""
     return CallFacts(call).cache
@@ -120,8 +132,18 @@ def _model(call: Call) -> str:
     return UNKNOWN_MODEL
 
 
+_seconds: dict[int, str] = {}
+
+
 def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+    """UTC ISO 8601 with microseconds (formatted seconds are cached)."""
+    s = int(t)
+    text = _seconds.get(s)
+    if text is None:
+        if len(_seconds) > 256:
+            _seconds.clear()
+        text = _seconds[s] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s))
+    return f"{text}.{int((t - s) * 1e6):06d}Z"
 
 
 def build_record(
@@ -140,7 +162,7 @@ def build_record(
     # whatever usage its replayed answer carries
     usage = call.usage if call.answered_by is None else None
     error = call.error
-    derived = CallFacts(call)
+    derived = CallFacts(call) if call.decisions or call.answered_by else _NO_FACTS
     p = call.principal
     record: dict[str, Any] = {
         "event": "call",
@@ -165,9 +187,9 @@ def build_record(
         "tokens_out": usage.completion_tokens if usage is not None else 0,
         "tokens_cached": usage.cached_tokens if usage is not None else 0,
         "cost_usd": round(dep.cost(usage), 9) if dep is not None and usage is not None else 0.0,
-        "pii": derived.pii,
+        "pii": dict(derived.pii),
         "budget": derived.budget,
-        "decisions": derived.decisions,
+        "decisions": list(derived.decisions),
         "status": 200 if error is None else error.status,
         "error": None
         if error is None

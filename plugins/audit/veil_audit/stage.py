@@ -150,7 +150,7 @@ class AuditStage:
             raise AuditUnavailable("the audit trail is not started; the call was not answered")
         record = build_record(call, facts, prompts=self.prompts)
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        writer.submit(record, future)
+        writer.submit_soon(record, future)
         written = await future
         metrics = self.metrics
         if metrics is not None:

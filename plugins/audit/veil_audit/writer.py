@@ -1,6 +1,6 @@
 """The writer thread: group commit of sealed records to the sinks.
 
-The event loop hands a record (a dict) and a future to :meth:`Writer.submit`
+The event loop hands a record (a dict) and a future to :meth:`Writer.submit_soon`
 and awaits the future; it never touches a file. The writer thread takes
 every record waiting (up to ``max_batch``), serializes and seals each into
 the chain, appends the batch to the active file with one ``write(2)``
@@ -91,6 +91,7 @@ class Writer:
         self.thread = threading.Thread(target=self._run, name="veil-audit-writer", daemon=True)
         self.healthy = True
         self.stats = WriterStats()
+        self._pending: dict[asyncio.AbstractEventLoop, list[Any]] = {}
 
     # -- lifecycle (event loop side) ------------------------------------------------
 
@@ -124,8 +125,24 @@ class Writer:
             self.file = None
 
     def submit(self, record: dict[str, Any], future: asyncio.Future[bool] | None) -> None:
-        """Queue ``record``; ``future`` (if any) resolves to whether it was written."""
-        self.queue.put((record, future))
+        """Queue ``record`` (from any thread); ``future`` (if any) resolves to
+        whether it was written."""
+        self.queue.put([(record, future)])
+
+    def submit_soon(self, record: dict[str, Any], future: asyncio.Future[bool]) -> None:
+        """Queue ``record`` from its event loop: the records a loop submits in
+        one iteration reach the thread together, with one wake-up."""
+        loop = future.get_loop()
+        pending = self._pending.get(loop)
+        if pending is None:
+            pending = self._pending[loop] = []
+            loop.call_soon(self._flush, loop)
+        pending.append((record, future))
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch = self._pending.pop(loop, None)
+        if batch:
+            self.queue.put(batch)
 
     # -- the thread -------------------------------------------------------------------
 
@@ -146,7 +163,7 @@ class Writer:
             item = get()
             if item is _STOP:
                 break
-            batch = [item]
+            batch = list(item)
             while len(batch) < self.max_batch:
                 try:
                     item = get_nowait()
@@ -155,12 +172,14 @@ class Writer:
                 if item is _STOP:
                     stopping = True
                     break
-                batch.append(item)
-            try:
-                self._write(batch)
-            except Exception as e:  # noqa: BLE001 - the thread must survive anything
-                log.error("audit_writer_failed", error=type(e).__name__)
-                self._resolve(batch, False)
+                batch.extend(item)
+            for start in range(0, len(batch), self.max_batch):
+                part = batch[start : start + self.max_batch]
+                try:
+                    self._write(part)
+                except Exception as e:  # noqa: BLE001 - the thread must survive anything
+                    log.error("audit_writer_failed", error=type(e).__name__)
+                    self._resolve(part, False)
 
     def _write(self, batch: list[tuple[dict[str, Any], asyncio.Future[bool] | None]]) -> bool:
         chain = self.chain
