@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from veil import Call, hookimpl
+from veil.testing import ServerThread, _toml_value
 
 HERE = Path(__file__).resolve().parent
 PLUGIN = HERE.parent
@@ -96,3 +97,33 @@ class CachePlugin:
     @hookimpl
     def veil_register_stages(self, register: Any) -> None:
         register(CacheStage())
+
+
+def section(name: str, values: dict[str, Any]) -> str:
+    """``[name]`` with its values, and ``[[name.x]]`` tables for lists of dicts."""
+    lines = ["", f"[{name}]"]
+    tables = {
+        k: v for k, v in values.items() if isinstance(v, list) and v and isinstance(v[0], dict)
+    }
+    lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if k not in tables]
+    for key, rows in tables.items():
+        for row in rows:
+            lines += ["", f"[[{name}.{key}]]"] + [f"{k} = {_toml_value(v)}" for k, v in row.items()]
+    return "\n".join(lines) + "\n"
+
+
+class AuditGateway:
+    """A started gateway and its audit directory."""
+
+    def __init__(self, server: ServerThread, directory: Path) -> None:
+        self.server = server
+        self.url = server.url
+        self.directory = directory
+
+    def client(self, **kw: Any) -> Any:
+        import openai
+
+        from veil.testing import TEST_KEY
+
+        kw.setdefault("api_key", TEST_KEY)
+        return openai.OpenAI(base_url=self.url + "/v1", max_retries=0, **kw)

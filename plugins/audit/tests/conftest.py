@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from veil.testing import PolicyKit, ServerThread, _toml_value, policy_toml
+from veil.testing import PolicyKit, ServerThread, policy_toml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from audittest import KEY, upstream  # noqa: E402
+from audittest import KEY, AuditGateway, section, upstream  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -25,36 +25,6 @@ def audit_key(monkeypatch: pytest.MonkeyPatch) -> str:
     """The HMAC key, in the environment as the gateway expects it."""
     monkeypatch.setenv("VEIL_AUDIT_HMAC_KEY", KEY)
     return KEY
-
-
-def section(name: str, values: dict[str, Any]) -> str:
-    """``[name]`` with its values, and ``[[name.x]]`` tables for lists of dicts."""
-    lines = ["", f"[{name}]"]
-    tables = {
-        k: v for k, v in values.items() if isinstance(v, list) and v and isinstance(v[0], dict)
-    }
-    lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if k not in tables]
-    for key, rows in tables.items():
-        for row in rows:
-            lines += ["", f"[[{name}.{key}]]"] + [f"{k} = {_toml_value(v)}" for k, v in row.items()]
-    return "\n".join(lines) + "\n"
-
-
-class AuditGateway:
-    """A started gateway and its audit directory."""
-
-    def __init__(self, server: ServerThread, directory: Path) -> None:
-        self.server = server
-        self.url = server.url
-        self.directory = directory
-
-    def client(self, **kw: Any) -> Any:
-        import openai
-
-        from veil.testing import TEST_KEY
-
-        kw.setdefault("api_key", TEST_KEY)
-        return openai.OpenAI(base_url=self.url + "/v1", max_retries=0, **kw)
 
 
 @pytest.fixture

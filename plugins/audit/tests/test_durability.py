@@ -17,8 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from audittest import KEY, by_request, calls, upstream
-from conftest import section
+from audittest import KEY, by_request, calls, section, upstream
 from veil_audit.chain import load_key
 from veil_audit.verify import verify
 

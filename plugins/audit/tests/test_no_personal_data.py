@@ -19,8 +19,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from audittest import calls
-from conftest import AuditGateway
+from audittest import AuditGateway, calls
 
 from veil.testing import ADMIN_KEY, TEST_KEY
 

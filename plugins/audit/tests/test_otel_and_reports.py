@@ -15,9 +15,8 @@ from typing import Any
 
 import openai
 import pytest
-from audittest import KEY, CachePlugin
+from audittest import KEY, AuditGateway, CachePlugin
 from click.testing import CliRunner
-from conftest import AuditGateway
 from veil_audit.cli import audit
 
 _EXPORTER: Any = None
@@ -165,3 +164,12 @@ def test_the_html_report_is_self_contained_and_shows_its_charts(trail: Path) -> 
     for title in ("Spend per day by team", "Spend by model", "Refused or failed calls"):
         assert title in dom
     assert "Integrity:</strong> verified" in dom
+
+
+def test_the_report_module_leaves_no_import_hook_behind() -> None:
+    import sys
+
+    import pygal
+    import veil_audit.html  # noqa: F401
+
+    assert not [f for f in sys.meta_path if isinstance(f, pygal.PluginImportFixer)]

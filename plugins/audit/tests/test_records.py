@@ -10,8 +10,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from audittest import FIELDS, CachePlugin, by_request, calls, upstream
-from conftest import AuditGateway
+from audittest import FIELDS, AuditGateway, CachePlugin, by_request, calls, upstream
 
 from veil.mock.server import MockUpstream
 from veil.testing import ADMIN_KEY, TEST_KEY, ServerThread

@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import html
 import re
+import sys
 from typing import Any
 
 import pygal
 from pygal.style import CleanStyle
+
+# pygal appends an import hook for its optional map plugins (pygal.maps.*),
+# written for the old import protocol: with it, every later failed import in
+# the process warns (ImportWarning). This report uses no map: take it out.
+sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, pygal.PluginImportFixer)]
 
 __all__ = ["render_html"]
 
