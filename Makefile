@@ -23,7 +23,8 @@ help:
 	@echo "make run    serve the demo gateway on $(HOST):$(PORT) (mock models, no network)"
 	@echo "make test   install test dependencies (Redis included) and run every test"
 	@echo "make bench  measure gateway overhead against a bare pass-through, and the pii"
-	@echo "            stage's added latency against plain Presidio"
+	@echo "            stage's added latency against plain Presidio, and the CPU the budget"
+	@echo "            and audit stages add to a call"
 	@echo "make lint   ruff check, format check, mypy --strict on the core"
 
 $(PY):
@@ -41,12 +42,17 @@ $(STAMP_TEST): $(STAMP_RUN) $(PROJECTS)
 install: $(STAMP_RUN)
 install-test: $(STAMP_TEST) system-deps
 
-# redis-server for the Redis-backed tests; installed with apt when missing and possible
+# redis-server for the Redis-backed tests, chromium for the audit report's rendering
+# test; installed with apt when missing and possible
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null; \
 	  else echo "note: redis-server not found; Redis tests will be skipped (install redis-server)"; fi; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null; \
+	  else echo "note: chromium not found; the HTML report test will be skipped (install chromium)"; fi; }
 
 $(DEV)/keys/veil-policy.key: | $(STAMP_RUN)
 	$(VEIL) policy keygen --out $(DEV)/keys
@@ -75,6 +81,7 @@ bench: $(STAMP_TEST)
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.pii $(BENCH_PII_ARGS)
 	$(PY) -m bench.budget $(BENCH_BUDGET_ARGS)
+	$(PY) -m bench.audit $(BENCH_AUDIT_ARGS)
 
 lint: $(STAMP_TEST)
 	$(VENV)/bin/ruff check .

@@ -373,3 +373,78 @@ def test_a_stage_can_ask_for_the_streamed_text_without_wrapping_the_stream(
         chunks = list(c.chat.completions.create(model="mock-model", messages=MSG, stream=True))
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert streamed and seen["text"] == streamed
+
+
+class Finisher:
+    """A stage that records when ``on_finish`` runs and what the call held then."""
+
+    def __init__(self, name: str, log: list[str], *, refuse: bool = False) -> None:
+        self.name, self.log, self.refuse = name, log, refuse
+
+    async def on_response(self, call: Call) -> None:
+        self.log.append(f"{self.name}.response")
+
+    async def on_error(self, call: Call, error: Exception) -> None:
+        self.log.append(f"{self.name}.error:{type(error).__name__}")
+
+    async def on_finish(self, call: Call) -> None:
+        status = "ok" if call.error is None else call.error.code
+        self.log.append(f"{self.name}.finish:{status}")
+        if self.refuse and call.error is None:
+            raise BadRequest("the sink refused", code="sink_refused")
+
+
+def finisher(name: str, log: list[str], **kw: Any) -> Any:
+    class Impl:
+        @hookimpl
+        def veil_register_stages(self, register: Any) -> None:
+            register(Finisher(name, log, **kw))
+
+    return Impl()
+
+
+def test_on_finish_runs_once_after_every_response_stage_and_on_failures(
+    policy_kit: PolicyKit,
+    start_gateway,  # noqa: ANN001
+) -> None:
+    log: list[str] = []
+    plugins = {"early": finisher("early", log), "late": finisher("late", log)}
+    gw = start_gateway(policy_kit.write(policy_toml(pipeline=["early", "late"])), plugins)
+    _chat(gw)
+    assert log == ["late.response", "early.response", "late.finish:ok", "early.finish:ok"]
+    log.clear()
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key=TEST_KEY) as c:
+        list(c.chat.completions.create(model="mock-model", messages=MSG, stream=True))
+    assert log == ["late.response", "early.response", "late.finish:ok", "early.finish:ok"]
+    log.clear()
+    with (
+        openai.OpenAI(base_url=gw.url + "/v1", api_key=TEST_KEY, max_retries=0) as c,
+        pytest.raises(openai.NotFoundError),
+    ):
+        c.chat.completions.create(model="no-such-model", messages=MSG)
+    assert log == [
+        "late.error:NotFound",
+        "early.error:NotFound",
+        "late.finish:model_not_found",
+        "early.finish:model_not_found",
+    ]
+
+
+def test_on_finish_can_refuse_a_call_that_succeeded(
+    policy_kit: PolicyKit,
+    start_gateway,  # noqa: ANN001
+) -> None:
+    log: list[str] = []
+    gw = start_gateway(
+        policy_kit.write(policy_toml(pipeline=["sink"])),
+        {"sink": finisher("sink", log, refuse=True)},
+    )
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(gw)
+    assert e.value.code == "sink_refused"
+    assert log == [
+        "sink.response",
+        "sink.finish:ok",
+        "sink.error:BadRequest",
+        "sink.finish:sink_refused",
+    ]

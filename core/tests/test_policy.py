@@ -22,6 +22,14 @@ def test_signed_policy_is_accepted(policy_kit: PolicyKit) -> None:
     assert p.version == 3 and p.audience == "test"
 
 
+def test_a_verified_policy_names_the_key_that_signed_it(policy_kit: PolicyKit) -> None:
+    from veil.policy.signing import key_id, load_private_key
+
+    p = _load(policy_kit, policy_kit.write(policy_toml()))
+    assert p.signed_by == key_id(load_private_key(policy_kit.private_key_path).public_key())
+    assert parse_policy(policy_toml().encode()).signed_by is None
+
+
 def test_unsigned_policy_is_refused(policy_kit: PolicyKit) -> None:
     path = policy_kit.write(policy_toml(), sign=False)
     with pytest.raises(PolicyError, match="unsigned"):

@@ -95,7 +95,7 @@ class _Watchdog:
 class Pipeline:
     """The stages of one policy, split by method, in the order each runs."""
 
-    __slots__ = ("error", "request", "response", "stages", "stream", "_watchdog")
+    __slots__ = ("error", "finish", "request", "response", "stages", "stream", "_watchdog")
 
     def __init__(self, stages: Sequence[StageSpec]) -> None:
         self.stages = tuple(stages)
@@ -103,6 +103,7 @@ class Pipeline:
         self.response = tuple(s for s in reversed(stages) if s.method("on_response"))
         self.stream = tuple(s for s in reversed(stages) if s.method("wrap_stream"))
         self.error = tuple(s for s in reversed(stages) if s.method("on_error"))
+        self.finish = tuple(s for s in reversed(stages) if s.method("on_finish"))
         shortest = min((s.timeout for s in stages), default=1.0)
         self._watchdog = _Watchdog(min(0.1, max(0.005, shortest / 10)))
 
@@ -173,6 +174,59 @@ class Pipeline:
                     stage=spec.name,
                     error=type(e).__name__,
                 )
+
+    async def run_finish(self, call: Call, *, failed: bool) -> None:
+        """Every stage's ``on_finish``, in reverse policy order, once the call's
+        outcome is settled and before the client gets it.
+
+        On the success path (``failed=False``) a ``GatewayError`` a stage raises
+        fails the call (``Runtime.fail`` then runs ``on_error`` and ``on_finish``
+        again, with ``call.error`` set); any other exception fails it closed
+        with ``StageFailed``, unless the stage is ``fail = "open"``. On the
+        failure path nothing is raised: failures are logged.
+        """
+        for spec in self.finish:
+            try:
+                await self._watchdog.run(spec.timeout, spec.stage.on_finish(call))
+            except GatewayError as e:
+                if not failed:
+                    raise
+                log.error(
+                    "stage_on_finish_failed",
+                    request_id=call.id,
+                    stage=spec.name,
+                    error=type(e).__name__,
+                    code=e.code,
+                )
+            except Exception as e:
+                timed_out = isinstance(e, TimeoutError)
+                log.error(
+                    "stage_failed",
+                    request_id=call.id,
+                    plugin=spec.plugin,
+                    stage=spec.name,
+                    hook="on_finish",
+                    error=type(e).__name__,
+                    timed_out=timed_out,
+                    fail_open=spec.fail_open,
+                )
+                call.decide(
+                    spec.name,
+                    "failed",
+                    hook="on_finish",
+                    error=type(e).__name__,
+                    timed_out=timed_out,
+                )
+                if failed or spec.fail_open:
+                    continue
+                raise StageFailed(
+                    f"the {spec.name} stage could not finish the call and the policy fails it "
+                    f"closed; request id {call.id}",
+                    stage=spec.name,
+                    status=503,
+                    type="server_error",
+                    code="stage_timeout" if timed_out else "stage_failed",
+                ) from None
 
     def wrap_stream(self, call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
         """Wrap ``chunks`` with each stage's ``wrap_stream``, innermost being

@@ -18,7 +18,7 @@ __all__ = [
     "StageSpec",
 ]
 
-_STAGE_METHODS = ("on_request", "on_response", "wrap_stream", "on_error")
+_STAGE_METHODS = ("on_request", "on_response", "wrap_stream", "on_error", "on_finish")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,7 @@ class StageRegistrar:
                 self.plugin,
                 f"registered stage {stage!r} has none of {', '.join(_STAGE_METHODS)}",
             )
-        for m in ("on_request", "on_response", "on_error"):
+        for m in ("on_request", "on_response", "on_error", "on_finish"):
             fn = getattr(stage, m, None)
             if fn is not None and not inspect.iscoroutinefunction(fn):
                 raise PluginError(self.plugin, f"stage method {m} must be `async def`")

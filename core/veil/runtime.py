@@ -228,6 +228,8 @@ class Runtime:
         if call.error is None:
             call.error = error
             await self.pipeline.run_error(call, error)
+            if self.pipeline.finish:
+                await self.pipeline.run_finish(call, failed=True)
 
     async def complete(self, call: Call) -> dict[str, Any]:
         """Run a non-streaming call end to end; return the response body.
@@ -244,6 +246,8 @@ class Runtime:
                     call.response = await self._forward(call, "embeddings")
                 call.usage = Usage.from_openai(call.response.get("usage"))
             await self.pipeline.run_response(call)
+            if self.pipeline.finish:
+                await self.pipeline.run_finish(call, failed=False)
             return call.response
         except GatewayError as e:
             await self.fail(call, e)
@@ -273,9 +277,12 @@ class Runtime:
         return _for_client(chunks, include_usage)
 
     async def finish_stream(self, call: Call) -> None:
-        """After the last chunk: run ``on_response`` in reverse order."""
+        """After the last chunk: run ``on_response`` in reverse order, then
+        ``on_finish`` (before the stream's final ``[DONE]`` is sent)."""
         try:
             await self.pipeline.run_response(call)
+            if self.pipeline.finish:
+                await self.pipeline.run_finish(call, failed=False)
         except GatewayError as e:
             await self.fail(call, e)
             raise
@@ -309,7 +316,9 @@ class Runtime:
         if route is None or not route.deployments:
             raise NotFound.model(call.request.get("model"))
         last: UpstreamError | None = None
-        for dep in route.deployments:
+        for index, dep in enumerate(route.deployments):
+            if index:
+                call.failovers += 1
             provider = self.providers[dep.provider]
             body = self._body_for(call, dep.model, op)
             for attempt in range(dep.max_retries + 1):
@@ -393,7 +402,9 @@ async def _replay(chunks: Any) -> AsyncIterator[Chunk]:
 
 
 async def _observe(call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-    """Note usage as it passes; close the upstream when done or abandoned."""
+    """Note usage as it passes; close the upstream when done or abandoned.
+    The time the stream flowed counts as upstream time."""
+    t0 = time.perf_counter()
     try:
         async for chunk in chunks:
             usage = chunk.get("usage")
@@ -403,6 +414,7 @@ async def _observe(call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Ch
                 _keep_text(call.stream_text, chunk)
             yield chunk
     finally:
+        call.upstream_seconds += time.perf_counter() - t0
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
@@ -413,6 +425,7 @@ async def _observe_for_client(
 ) -> AsyncIterator[Chunk]:
     """:func:`_observe` and :func:`_for_client` in one generator, for
     pipelines without stream wrappers (one generator less per chunk)."""
+    t0 = time.perf_counter()
     try:
         async for chunk in chunks:
             if call.stream_text is not None:
@@ -424,6 +437,7 @@ async def _observe_for_client(
                     continue
             yield normalize_chunk(chunk, include_usage)
     finally:
+        call.upstream_seconds += time.perf_counter() - t0
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -144,7 +144,11 @@ class Call:
     Stages read and may change ``request`` (the parsed JSON body) in
     ``on_request``; a stage may answer the call itself by setting ``response``
     (a complete OpenAI response body; for a streaming call the core turns it
-    into chunks). ``route`` is preset from the policy's deployments when the
+    into chunks). ``started_at`` (epoch seconds) and ``started``
+    (``perf_counter``) mark the call's arrival; ``upstream_seconds`` sums the
+    time spent waiting for the upstream (for streams, until the last chunk);
+    ``attempts`` counts upstream attempts and ``failovers`` the moves to a
+    later deployment of the route. ``route`` is preset from the policy's deployments when the
     requested model names one, and a routing stage may replace it.
     ``scratch`` is a per-stage space: use ``call.scratch[stage_name]``.
     ``stream_text``: a stage that needs the text an upstream streamed (to
@@ -175,6 +179,7 @@ class Call:
     started: float = field(default_factory=time.perf_counter)
     upstream_seconds: float = 0.0
     attempts: int = 0
+    failovers: int = 0
     stream_text: list[str] | None = None
 
     def decide(self, stage: str, action: str, **detail: Any) -> None:
@@ -198,6 +203,13 @@ class Stage(Protocol):
     - ``async on_error(call, error)``: for every failure once the call
       exists, in reverse order, for every stage, whether or not its
       ``on_request`` ran: release what you hold, write what you must.
+    - ``async on_finish(call)``: once the call's outcome is settled (after
+      every ``on_response``, or every ``on_error`` with ``call.error`` set),
+      in reverse order, before the client gets the response (for streams:
+      before the final ``[DONE]``). For what must see the whole call, such
+      as an audit record. On success it may still refuse the call by
+      raising a ``GatewayError``; ``on_error`` and ``on_finish`` then run
+      again for the failure.
     """
 
     name: str

@@ -101,6 +101,7 @@ def load_policy(
 
     Checks, in order: signature by a trusted key over the exact bytes, valid
     TOML and schema, audience, ``issued_at <= now < expires_at``, rollback.
+    The returned policy's ``signed_by`` names the key that signed it.
     Does not record the version: call ``guard.record(policy)`` once the policy
     is actually in force.
 
@@ -118,8 +119,9 @@ def load_policy(
             f"{source}: unsigned (no {signature_path(path).name} beside it); sign it with "
             "`veil policy sign POLICY --key PRIVATE_KEY`"
         ) from None
-    trusted.verify(raw, sig, source=source)
+    signed_by = trusted.verify(raw, sig, source=source)
     policy = parse_policy(raw, source=source)
+    policy.signed_by = signed_by
     if audience is not None and policy.audience != audience:
         raise PolicyError(
             f"{source}: written for audience {policy.audience!r}, but this gateway serves "

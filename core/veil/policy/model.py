@@ -125,7 +125,9 @@ class Policy:
     ``keys`` maps the SHA-256 hex of an API key to its :class:`Principal`;
     ``models`` maps a model name to its deployments in policy order;
     ``sections`` holds the raw plugin sections; ``plugins`` names every
-    plugin to load (pipeline order first).
+    plugin to load (pipeline order first); ``signed_by`` is the id of the
+    trusted key whose signature was verified (``None`` for a policy parsed
+    without verification).
     """
 
     __slots__ = (
@@ -143,6 +145,7 @@ class Policy:
         "plugins",
         "raw",
         "sections",
+        "signed_by",
         "teams",
         "version",
     )
@@ -151,6 +154,7 @@ class Policy:
         self.document = document
         self.raw = raw
         self.digest = hashlib.sha256(raw).hexdigest()
+        self.signed_by: str | None = None
         meta = document.policy
         self.version = meta.version
         self.issuer = meta.issuer
