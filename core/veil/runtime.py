@@ -445,18 +445,23 @@ async def _observe_for_client(
 
 def _keep_text(out: list[str], chunk: Chunk) -> None:
     """Append a chunk's delta text and tool-call arguments to ``out``."""
-    for choice in chunk.get("choices") or ():
-        delta = choice.get("delta") if isinstance(choice, dict) else None
-        if not isinstance(delta, dict):
+    choices = chunk.get("choices")
+    if not choices or type(choices) is not list:
+        return
+    for choice in choices:
+        delta = choice.get("delta") if type(choice) is dict else None
+        if not delta or type(delta) is not dict:
             continue
         text = delta.get("content")
-        if isinstance(text, str):
+        if text and type(text) is str:
             out.append(text)
-        for tool in delta.get("tool_calls") or ():
-            fn = tool.get("function") if isinstance(tool, dict) else None
-            args = fn.get("arguments") if isinstance(fn, dict) else None
-            if isinstance(args, str):
-                out.append(args)
+        tools = delta.get("tool_calls")
+        if tools and type(tools) is list:
+            for tool in tools:
+                fn = tool.get("function") if type(tool) is dict else None
+                args = fn.get("arguments") if type(fn) is dict else None
+                if args and type(args) is str:
+                    out.append(args)
 
 
 async def _for_client(chunks: AsyncIterator[Chunk], include_usage: bool) -> AsyncIterator[Chunk]:

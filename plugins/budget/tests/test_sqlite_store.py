@@ -10,7 +10,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from veil_budget.journal import read_frames
+from veil_budget.journal import Journal, read_frames
 from veil_budget.sqlite_store import (
     SqliteStore,
     StoreBusy,
@@ -170,7 +170,7 @@ async def _spend(store: SqliteStore, n: int, cost: int = 10) -> None:
 
 
 def test_settles_are_journaled_and_survive_a_crash_before_the_fold(tmp_path: Path) -> None:
-    async def go() -> Path:
+    async def go() -> tuple[Path, int]:
         store = open_sqlite(tmp_path / "live" / "b.sqlite3")
         try:
             await _spend(store, 5)
@@ -180,13 +180,14 @@ def test_settles_are_journaled_and_survive_a_crash_before_the_fold(tmp_path: Pat
             assert read_report(store.db, None) == []
             # another process's report adds the journal
             assert read_report(store.db, None, journal_path(store.path))[0].calls == 5
-            return _crashed_copy(store, tmp_path / "crashed")
+            return _crashed_copy(store, tmp_path / "crashed"), store.journal._pos
         finally:
             await store.close()
 
-    crashed = asyncio.run(go())
-    with (crashed.parent / "b.sqlite3.journal").open("ab") as f:
-        f.write(b"\x40\x00\x00\x00torn")  # a frame the crash cut short
+    crashed, end = asyncio.run(go())
+    with (crashed.parent / "b.sqlite3.journal").open("r+b") as f:
+        f.seek(end)
+        f.write(b"\x40\x00\x00\x00\x12\x34\x56\x78torn")  # a frame the crash cut short
 
     async def after() -> None:
         store = open_sqlite(crashed)
@@ -269,6 +270,24 @@ def test_a_reset_from_elsewhere_leaves_out_the_journals_earlier_costs(tmp_path: 
             store.fold()
             assert await store.spent([TEAM]) == {TEAM: (5, 0)}
             assert (await store.report())[0].calls == 5  # the report keeps history
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def test_a_full_journal_is_folded_and_the_settle_goes_on(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = open_sqlite(tmp_path / "b.sqlite3")
+        try:
+            small = Journal(tmp_path / "small.journal", size=1024)
+            small.restart(store.journal.generation)
+            store.journal.close()
+            store.journal = small
+            await _spend(store, 20)  # about 130 bytes a frame: folds on the way
+            assert store.journal.generation > 1
+            assert await store.spent([TEAM]) == {TEAM: (200, 0)}
+            assert (await store.report())[0].calls == 20
         finally:
             await store.close()
 

@@ -2,12 +2,13 @@
 costs, written before a settle returns and folded into SQLite every second.
 
 Why: a SQLite transaction costs the gateway 45 to 120 µs of CPU (measured on
-this project's machine), as much as the rest of the budget stage; appending
-a few hundred bytes to a file costs about 9 µs. Each settle appends one
-frame with ``write(2)``: once it returns, the frame is in the operating
-system's page cache and survives the gateway process being killed, the
-same guarantee as SQLite's WAL with ``synchronous=NORMAL`` (neither
-survives a power cut without ``fsync``).
+this project's machine), as much as the rest of the budget stage; a
+``write(2)`` of a few hundred bytes 4 to 9 µs, and a copy into a memory
+mapping of the file less than one. Each settle adds one frame to the
+mapped file: once it returns, the frame is in the operating system's page
+cache and survives the gateway process being killed, the same guarantee as
+SQLite's WAL with ``synchronous=NORMAL`` (neither survives a power cut
+without ``fsync``).
 
 Format: a 16-byte header (``VEILBJ1`` + NUL + the generation, a little-endian
 u64), then frames: payload length (u32), CRC-32 of the payload (u32), the
@@ -23,6 +24,7 @@ skips it.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import zlib
@@ -32,7 +34,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["Journal", "read_frames"]
+__all__ = ["Journal", "JournalFull", "read_frames"]
 
 _MAGIC = b"VEILBJ1\x00"
 _HEADER = struct.Struct("<8sQ")
@@ -57,6 +59,8 @@ def read_frames(path: Path) -> tuple[int | None, list[Any]]:
 def _frames(data: bytes, pos: int) -> Iterator[Any]:
     while pos + _FRAME.size <= len(data):
         size, crc = _FRAME.unpack_from(data, pos)
+        if size == 0:
+            return  # the unused, zeroed rest of the file
         start = pos + _FRAME.size
         payload = data[start : start + size]
         if len(payload) < size or zlib.crc32(payload) != crc:
@@ -68,34 +72,58 @@ def _frames(data: bytes, pos: int) -> Iterator[Any]:
         pos = start + size
 
 
-class Journal:
-    """The open journal file of one store (owned by one process)."""
+class JournalFull(Exception):
+    """The journal file has no room for the frame: fold, then append again."""
 
-    def __init__(self, path: Path) -> None:
+
+class Journal:
+    """The open journal file of one store (owned by one process).
+
+    The file has a fixed size (allocated on disk up front, so a full disk
+    shows at start-up and never as a fault mid-write) and is mapped into
+    memory: an append is a copy into the page cache, with no system call,
+    and survives the process being killed like a ``write(2)`` would. The
+    unused rest of the file is zeros, where reading stops.
+
+    :param size: the file's size in bytes.
+    :raises OSError: the file cannot be created or allocated.
+    """
+
+    def __init__(self, path: Path, size: int = 8 << 20) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        self.size = size
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._pos = _HEADER.size
         self.generation = 0
         self.frames = 0
 
     def restart(self, generation: int) -> None:
-        """Empty the file and start ``generation``."""
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, _HEADER.pack(_MAGIC, generation))
+        """Empty the journal and start ``generation`` (the header goes first,
+        so a crash meanwhile leaves an empty journal, never a mixed one)."""
+        self._map[: self._pos] = bytes(self._pos)
+        self._map[: _HEADER.size] = _HEADER.pack(_MAGIC, generation)
+        self._pos = _HEADER.size
         self.generation = generation
         self.frames = 0
 
     def append(self, record: Any) -> None:
-        """Write one frame holding ``record`` (JSON-serializable).
+        """Add one frame holding ``record`` (JSON-serializable).
 
-        :raises OSError: the write failed (disk full, ...); a partial frame
-            left behind is ignored when read.
+        :raises JournalFull: no room left (fold, restart, append again).
         """
         payload = orjson.dumps(record)
-        frame = _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
-        written = os.write(self._fd, frame)
-        if written != len(frame):
-            raise OSError(f"short write to the budget journal {self.path}")
+        end = self._pos + _FRAME.size + len(payload)
+        if end > self.size:
+            raise JournalFull(f"the budget journal {self.path} is full")
+        _FRAME.pack_into(self._map, self._pos, len(payload), zlib.crc32(payload))
+        self._map[self._pos + _FRAME.size : end] = payload
+        self._pos = end
         self.frames += 1
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._map.close()

@@ -44,7 +44,7 @@ from typing import Any
 
 import structlog
 
-from .journal import Journal, read_frames
+from .journal import Journal, JournalFull, read_frames
 from .store import Bucket, BucketState, Counter, Denied, Granted, SpendRow, Usage
 
 __all__ = ["FOLD_INTERVAL_S", "SqliteStore", "StoreBusy", "journal_path", "open_sqlite"]
@@ -286,12 +286,17 @@ class SqliteStore:
         """See :meth:`veil_budget.store.Store.settle`. The cost is in the
         journal when this returns (see the module doc).
 
-        :raises OSError: the journal cannot be written; nothing changed (the
-            reservation stays until it expires, so the budget still counts it).
+        :raises sqlite3.Error: the journal was full and could not be folded;
+            nothing changed (the reservation stays until it expires, so the
+            budget still counts it).
         """
         keys = list(dict.fromkeys(counters))
         record = [time.time(), keys, cost, _today(), *usage]
-        self.journal.append(record)
+        try:
+            self.journal.append(record)
+        except JournalFull:
+            self.fold()
+            self.journal.append(record)
         self._unfolded.append(record)
         if cost:
             unfolded, spent = self._unfolded_spent, self._spent
