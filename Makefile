@@ -25,7 +25,7 @@ help:
 	@echo "make bench  measure gateway overhead against a bare pass-through, and the pii"
 	@echo "            stage's added latency against plain Presidio, and the CPU the budget"
 	@echo "            and audit stages add to a call"
-	@echo "make lint   ruff check, format check, mypy --strict on the core"
+	@echo "make lint   ruff check, format check, mypy --strict on the core and the plugins"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -77,7 +77,7 @@ class AuditMetrics:
             return Counter(name, doc, labels, registry=registry)
 
         self.totals = _Totals()
-        registry.register(self.totals)  # type: ignore[arg-type]
+        registry.register(self.totals)
         self.pii = counter(
             "veil_audit_pii_detections", "Personal data found, by entity type and action.",
             ["entity_type", "action"],

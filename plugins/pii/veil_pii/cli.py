@@ -177,28 +177,29 @@ def check_command(text: str | None, file: Path | None, policy: Path | None, as_j
         )
         pos = f.end
     redacted = "".join(out) + text[pos:]
+    shown: list[dict[str, Any]] = [
+        {
+            "type": f.entity_type,
+            "start": f.start,
+            "end": f.end,
+            "score": round(f.score, 3),
+            "action": settings.action(f.entity_type),
+        }
+        for f in findings
+    ]
     result = {
-        "findings": [
-            {
-                "type": f.entity_type,
-                "start": f.start,
-                "end": f.end,
-                "score": round(f.score, 3),
-                "action": settings.action(f.entity_type),
-            }
-            for f in findings
-        ],
+        "findings": shown,
         "blocked": sorted(set(blocked)),
         "upstream_receives": None if blocked else redacted,
     }
     if as_json:
         click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         return
-    for f in result["findings"]:
+    for f in shown:
         click.echo(
             f"{f['type']:<18} {f['action']:<7} score {f['score']:.2f}  [{f['start']}:{f['end']}]"
         )
     if blocked:
-        click.secho(f"refused (400 pii_blocked): {', '.join(result['blocked'])}", fg="yellow")
+        click.secho(f"refused (400 pii_blocked): {', '.join(sorted(set(blocked)))}", fg="yellow")
     else:
         click.echo(f"\nupstream receives:\n{redacted}")

@@ -128,6 +128,8 @@ class OfflineSpacyNlpEngine(SpacyNlpEngine):
     :class:`ModelNotInstalled` and says which package to install.
     """
 
+    nlp: dict[str, Any]  # type: ignore[assignment]  # SpacyNlpEngine declares None until loaded
+
     def load(self) -> None:
         """Load each configured model (NER only), never downloading."""
         self.nlp = {}
@@ -174,7 +176,7 @@ class OfflineSpacyNlpEngine(SpacyNlpEngine):
 
     def _artifacts(self, ents: list[Any], language: str) -> NlpArtifacts:
         entities, scores = self._get_updated_entities(
-            ents, [self.ner_model_configuration.default_score] * len(ents)
+            ents, [_default_score(self.ner_model_configuration.default_score)] * len(ents)
         )
         return NlpArtifacts(
             entities=entities,
@@ -390,7 +392,8 @@ class Detector:
         """
         results: list[RecognizerResult] = []
         for recognizer in self._cheap:
-            results += recognizer.analyze(text, self.blocked, None)
+            # pattern-only recognizers need no NLP artifacts (Presidio types it as required)
+            results += recognizer.analyze(text, self.blocked, None)  # type: ignore[arg-type]
         kept = [r for r in results if r.entity_type in self.blocked and r.score >= self.threshold]
         if kept and self._allowed is not None:
             kept = _drop_allowed(text, kept, self._allowed)
@@ -515,3 +518,8 @@ def _drop_allowed(
             r.start, r.end = start, end
             kept.append(r)
     return kept
+
+
+def _default_score(score: float | None) -> float:
+    """Presidio's NER score for entities the model found (0.85 when unset)."""
+    return 0.85 if score is None else float(score)

@@ -126,6 +126,8 @@ def _addressy(tok: Token, caseless: bool = False) -> bool:
 class VeilAddressRecognizer(EntityRecognizer):
     """``STREET_ADDRESS`` results with the anchor-and-growth rules of the module doc."""
 
+    name: str  # set by EntityRecognizer.__init__
+
     def __init__(self, supported_language: str = "en") -> None:
         super().__init__(
             supported_entities=["STREET_ADDRESS"],

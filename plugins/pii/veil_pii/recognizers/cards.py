@@ -42,6 +42,8 @@ def luhn(digits: str) -> bool:
 class VeilCardRecognizer(EntityRecognizer):
     """``CREDIT_CARD`` results: Luhn-valid 12-19 digit numbers."""
 
+    name: str  # set by EntityRecognizer.__init__
+
     def __init__(self, supported_language: str = "en") -> None:
         super().__init__(
             supported_entities=["CREDIT_CARD"],

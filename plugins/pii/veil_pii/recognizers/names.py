@@ -233,6 +233,8 @@ _VERB_AFTER = words(
 class VeilNameRecognizer(EntityRecognizer):
     """Finds ``PERSON`` spans with the signals described in the module doc."""
 
+    name: str  # set by EntityRecognizer.__init__
+
     def __init__(
         self, supported_language: str = "en", lexicon: frozenset[str] = frozenset()
     ) -> None:
@@ -430,11 +432,11 @@ def _coordinated(
     changed = True
     while changed:
         changed = False
-        for a, b in zip(spans, spans[1:], strict=False):
-            between = text[a[1] : b[0]].strip().casefold()
+        for left, right in zip(spans, spans[1:], strict=False):
+            between = text[left[1] : right[0]].strip().casefold()
             if between not in {",", "and", ", and", "or", "&", "und", "et", "y"}:
                 continue
-            for this, other in ((a, b), (b, a)):
+            for this, other in ((left, right), (right, left)):
                 if this in names and other not in names:
                     word = text[other[0] : other[1]]
                     if (word[0].isupper() or caseless) and word.casefold() not in STOP_WORDS:

@@ -73,6 +73,8 @@ def _valid_somewhere(candidate: str) -> bool:
 class VeilPhoneRecognizer(EntityRecognizer):
     """``PHONE_NUMBER`` results with the evidence rules of the module doc."""
 
+    name: str  # set by EntityRecognizer.__init__
+
     def __init__(self, supported_language: str = "en") -> None:
         super().__init__(
             supported_entities=["PHONE_NUMBER"],
