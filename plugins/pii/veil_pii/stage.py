@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+import structlog
+
 from veil import BadRequest, Call, GatewayError
 from veil import Unavailable as VeilUnavailable
 from veil.types import Chunk
@@ -52,7 +54,9 @@ from .restore import (
 )
 from .settings import PiiSettings
 from .texts import TextSlots, Unscannable, chat_texts, embedding_texts
-from .vault import Vault, build_vault, load_key
+from .vault import TamperedRecord, Vault, build_vault, load_key
+
+log = structlog.get_logger("veil.pii")
 
 __all__ = ["CONVERSATION_HEADER", "HEADER", "PiiStage", "Unavailable"]
 
@@ -141,6 +145,14 @@ class PiiStage:
                 ttl_s=conv.ttl_s,
                 max_conversations=conv.max_conversations,
             )
+            check = getattr(self.vault, "check_key", None)
+            if check is not None:
+                try:
+                    await check()
+                except TamperedRecord:
+                    raise  # another replica's key: refuse to start
+                except Exception as e:  # noqa: BLE001 - Redis down now: checked on first use
+                    log.warning("pii_vault_key_not_checked", error=type(e).__name__)
 
     async def close(self) -> None:
         """Close the vault and stop the analysis threads."""

@@ -371,6 +371,9 @@ return redis.call('HGETALL', key)
 """
 
 
+_KEYCHECK = b"veil-pii vault key check"
+
+
 class RedisVault:
     """A vault in Redis, shared by replicas (see the module doc for the layout).
 
@@ -404,6 +407,30 @@ class RedisVault:
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
         self._script = self.client.register_script(_ASSIGN_LUA)
+        self._key_checked = False
+
+    async def check_key(self) -> None:
+        """Make sure every replica seals with the same key: the first one
+        stores a sealed marker (``<prefix>keycheck``), the others open it.
+        Conversation records are named with the key, so without this a
+        replica with another key would find every conversation empty,
+        silently.
+
+        :raises TamperedRecord: the store was written with another key.
+        :raises redis.exceptions.RedisError: Redis cannot be reached.
+        """
+        name = self.prefix + "keycheck"
+        await self.client.set(name, self.sealer.seal(_KEYCHECK, _KEYCHECK), nx=True)
+        marker = await self.client.get(name)
+        try:
+            if not isinstance(marker, bytes) or self.sealer.open(marker, _KEYCHECK) != _KEYCHECK:
+                raise TamperedRecord("the vault's key marker is missing or altered")
+        except TamperedRecord:
+            raise TamperedRecord(
+                f"the conversation store (keys {self.prefix}*) was written with another "
+                "vault key: every replica must use the same [pii.conversations] key"
+            ) from None
+        self._key_checked = True
 
     def key(self, team: str, conversation: str) -> str:
         """The Redis key of a conversation's hash."""
@@ -412,7 +439,10 @@ class RedisVault:
     async def assign(
         self, team: str, conversation: str, items: Sequence[tuple[str, str]]
     ) -> PlaceholderMap:
-        """See :meth:`Vault.assign`."""
+        """See :meth:`Vault.assign`; checks the key first (see :meth:`check_key`)
+        until that has succeeded once."""
+        if not self._key_checked:
+            await self.check_key()
         key = self.key(team, conversation)
         args: list[str | bytes | int] = [self.ttl_ms]
         for item in _prepare(self.sealer, team, conversation, items):
