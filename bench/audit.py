@@ -5,7 +5,7 @@ Everything is measured in one run, on loopback, in front of one ``veil mock-upst
 
 - ``core``: ``veil serve`` with an empty pipeline (the core only), the baseline;
 - ``audit``: ``veil serve`` with ``pipeline = ["audit"]`` and its defaults: one sealed
-  record per call (HMAC-SHA256 hash chain) appended by the writer thread to a JSONL
+  record per call (HMAC-SHA256 hash chain) copied into the memory-mapped JSONL
   file in the gateway's state dir before the call is answered (group commit, no
   fsync), plus the audit metrics.
 
@@ -60,10 +60,11 @@ def audit_dir(setup: Setup) -> Path:
 def call_records(directory: Path) -> list[dict[str, Any]]:
     """The ``call`` records of every audit file in ``directory``, oldest first."""
     import orjson
+    from veil_audit.files import read_records_bytes
 
     out = []
     for path in sorted(directory.glob("audit*.jsonl")):
-        for line in path.read_bytes().splitlines():
+        for line in read_records_bytes(path).splitlines():
             record = orjson.loads(line)
             if record.get("event") == "call":
                 out.append(record)

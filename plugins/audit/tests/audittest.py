@@ -32,10 +32,10 @@ FIELDS = {
 
 def lines(directory: Path) -> Iterator[dict[str, Any]]:
     """Every record of the directory's files, in chain order."""
-    from veil_audit.files import chain_files
+    from veil_audit.files import chain_files, read_records_bytes
 
     for path in chain_files(directory):
-        for line in path.read_bytes().splitlines():
+        for line in read_records_bytes(path).splitlines():
             yield orjson.loads(line)
 
 

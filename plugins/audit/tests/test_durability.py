@@ -3,7 +3,7 @@ load loses no record of an answered call; a sink that cannot write refuses
 calls (``fail = "closed"``) or serves them and counts the dropped records
 (``fail = "open"``). The sink failure is real: the gateway process gets a
 file-size limit (``RLIMIT_FSIZE``) its audit file is already at, so the
-kernel refuses the next write with EFBIG."""
+kernel refuses to grow it (EFBIG) once the room allocated ahead is used."""
 
 from __future__ import annotations
 
@@ -120,11 +120,24 @@ def test_a_sink_that_cannot_write_refuses_or_counts_as_the_policy_says(
     policy_kit: PolicyKit, mock_upstream: ServerThread, tmp_path: Path, fail: str
 ) -> None:
     directory = tmp_path / "audit"
-    with serve(policy_kit, mock_upstream, directory, fail=fail) as gw, httpx.Client() as c:
-        for i in range(20):  # the audit file grows past the gateway's log file
+    # 64 KiB at a time: the room allocated ahead runs out after a few dozen records
+    with (
+        serve(policy_kit, mock_upstream, directory, fail=fail, preallocate_mb=0.065536) as gw,
+        httpx.Client() as c,
+    ):
+        for i in range(20):
             assert post(gw.url, f"before-{i}", c).status_code == 200
+        # the file (records and the room ahead of them) cannot grow any more
         _limit_file_size(gw.proc.pid, (directory / "audit.jsonl").stat().st_size)
-        r = post(gw.url, "while-broken", c)
+        served = 0
+        for i in range(400):  # until the room is used up
+            r = post(gw.url, f"while-broken-{i}", c)
+            if _metric(gw.url, 'veil_audit_records_total{result="dropped"}'):
+                break
+            assert r.status_code == 200
+            served += 1
+        else:
+            pytest.fail("the audit file never ran out of room")
         if fail == "closed":
             assert r.status_code == 503
             assert r.json()["error"]["code"] == "audit_unavailable"
@@ -135,8 +148,9 @@ def test_a_sink_that_cannot_write_refuses_or_counts_as_the_policy_says(
         _limit_file_size(gw.proc.pid, resource.RLIM_INFINITY)
         assert post(gw.url, "recovered", c).status_code == 200
     records = by_request(directory)
-    assert "while-broken" not in records and "recovered" in records
-    assert len(calls(directory)) == 21
+    assert f"while-broken-{served}" not in records and "recovered" in records
+    assert served > 0  # the room allocated ahead served calls past the limit
+    assert len(calls(directory)) == 20 + served + 1
     # nothing half-written stayed behind: the chain is whole
     verdict = verify(sorted(directory.glob("audit*.jsonl")), KEY.encode())
     assert verdict.ok and verdict.closed, verdict.problem

@@ -60,6 +60,8 @@ def read_records(
     for path in files:
         with path.open("rb") as f:
             for line in f:
+                if line[:1] == b"\0":  # the unwritten space of an active file
+                    break
                 try:
                     record = orjson.loads(line)
                 except orjson.JSONDecodeError:

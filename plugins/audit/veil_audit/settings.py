@@ -13,6 +13,7 @@ Example::
     rotate_mb = 100              # start a new file past this size ...
     rotate_hours = 24            # ... or this age (0 disables either)
     fsync = false                # true: fsync every batch before its calls are answered
+    preallocate_mb = 4           # the active file grows by this much, allocated ahead
     hmac_key_env = "VEIL_AUDIT_HMAC_KEY"
     user_ids = "pseudonym"       # the request's `user` field: "pseudonym", "omit" or "clear"
     store_redacted_prompts = false
@@ -49,9 +50,15 @@ class AuditSettings(BaseModel):
     :param rotate_hours: a file older than this is closed and a new one
         started (0: never by age).
     :param fsync: ``fsync`` each batch before the calls in it are answered
-        (survives power loss, costs a disk flush per batch). Without it, a
-        record is written with ``write(2)`` (in the OS page cache: survives
-        the gateway process being killed) before its call is answered.
+        (survives power loss, costs a disk flush per batch and a hand-off to
+        the writer thread). Without it, a record is copied into the
+        memory-mapped active file (the OS page cache: survives the gateway
+        process being killed) on the event loop before its call is answered.
+    :param preallocate_mb: the active file is allocated on disk this many
+        megabytes at a time, ahead of the records, by the writer thread: a
+        record's copy then never meets a full disk or a page fault. A full
+        disk (or a file-size limit) shows when the file cannot grow: the
+        records fail once the allocated room is used up.
     :param max_batch: at most this many records per write (group commit).
     :param hmac_key_env: the environment variable holding the HMAC key (at
         least 16 bytes) that authenticates every record. Never put the key
@@ -72,6 +79,7 @@ class AuditSettings(BaseModel):
     rotate_mb: Annotated[float, Field(ge=0)] = 100.0
     rotate_hours: Annotated[float, Field(ge=0)] = 24.0
     fsync: bool = False
+    preallocate_mb: Annotated[float, Field(gt=0, le=1024)] = 4.0
     max_batch: Annotated[int, Field(gt=0, le=100_000)] = 512
     hmac_key_env: Annotated[str, Field(min_length=1)] = "VEIL_AUDIT_HMAC_KEY"
     user_ids: Literal["pseudonym", "omit", "clear"] = "pseudonym"

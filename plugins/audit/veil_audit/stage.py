@@ -6,9 +6,10 @@ call, after every ``on_response`` or every ``on_error``): the pipeline runs
 ``audit`` last on the request path, so on the response path its
 ``on_response`` would run *first*, before budget settles the cost or any
 earlier stage records what it did; ``on_finish`` sees the finished call. It
-hands the record to the writer thread and awaits the batch's ``write(2)``
-(group commit), so the event loop never blocks on a file and the client
-gets its answer only once the record is in the file.
+copies the sealed record into the memory-mapped active file (or, with
+``fsync``, hands it to the writer thread and awaits the batch's group
+commit), so the event loop never blocks on a file and the client gets its
+answer only once the record is in the file.
 
 If the record cannot be written, the policy decides: with ``fail =
 "closed"`` (the default) a call that had succeeded is refused with 503
@@ -149,9 +150,12 @@ class AuditStage:
         if writer is None or facts is None:
             raise AuditUnavailable("the audit trail is not started; the call was not answered")
         record = build_record(call, facts, prompts=self.prompts)
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        writer.submit_soon(record, future)
-        written = await future
+        if writer.direct:
+            written = writer.append(record)
+        else:
+            future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            writer.submit_soon(record, future)
+            written = await future
         metrics = self.metrics
         if metrics is not None:
             metrics.observe(record)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .chain import Mac, Unsealed, key_id, open_line
+from .files import read_records_bytes
 
 __all__ = ["Problem", "Verdict", "verify"]
 
@@ -81,7 +82,7 @@ class _Entry:
 
 
 def _read(path: Path, mac: Mac) -> list[_Entry]:
-    data = path.read_bytes()
+    data = read_records_bytes(path)
     lines = data.split(b"\n")
     partial_tail = lines[-1] != b""
     if not partial_tail:
