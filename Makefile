@@ -57,7 +57,12 @@ system-deps:
 $(DEV)/keys/veil-policy.key: | $(STAMP_RUN)
 	$(VEIL) policy keygen --out $(DEV)/keys
 
-run: $(STAMP_RUN) $(DEV)/keys/veil-policy.key
+# the demo's audit trail key (veil-audit reads it from VEIL_AUDIT_HMAC_KEY)
+$(DEV)/keys/audit-hmac.key: | $(STAMP_RUN)
+	@mkdir -p $(DEV)/keys
+	@(umask 077 && $(PY) -c "import secrets; print(secrets.token_hex(32))" > $@)
+
+run: $(STAMP_RUN) $(DEV)/keys/veil-policy.key $(DEV)/keys/audit-hmac.key
 	@$(VEIL) policy sign policies/demo.toml --key $(DEV)/keys/veil-policy.key
 	@echo
 	@echo "veil is starting on http://$(HOST):$(PORT)  (demo API key: sk-veil-demo)"
@@ -67,6 +72,9 @@ run: $(STAMP_RUN) $(DEV)/keys/veil-policy.key
 	@echo "    -d '{\"model\": \"gpt-4o-mini\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'"
 	@echo "or point any OpenAI SDK at base_url=http://$(HOST):$(PORT)/v1 with api_key=sk-veil-demo"
 	@echo
+	@echo "audit trail: $(DEV)/state/audit  (check it: VEIL_AUDIT_HMAC_KEY=\$$(cat $(DEV)/keys/audit-hmac.key) $(VEIL) audit verify $(DEV)/state/audit)"
+	@echo
+	VEIL_AUDIT_HMAC_KEY=$$(cat $(DEV)/keys/audit-hmac.key) \
 	$(VEIL) serve --policy policies/demo.toml --trusted-key $(DEV)/keys/veil-policy.pub \
 	  --audience demo --state-dir $(DEV)/state --host $(HOST) --port $(PORT)
 
