@@ -260,7 +260,12 @@ def create_app(config: GatewayConfig) -> VeilASGI:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gateway = Gateway(config)
         app.state.gateway = gateway
-        await gateway.start()
+        app.state.start_error = None
+        try:
+            await gateway.start()
+        except Exception as e:  # the server stops; `veil serve` maps it to an exit code
+            app.state.start_error = e
+            raise
         try:
             yield
         finally:

@@ -55,7 +55,22 @@ class VeilASGI:
             if kind is not None:
                 await serve(self.state.gateway, kind, scope, receive, send)
                 return
+        elif scope["type"] == "lifespan":
+            send = self._lifespan_send(send)
         await self.app(scope, receive, send)
+
+    def _lifespan_send(self, send: Any) -> Any:
+        """``send`` for the lifespan: a failed start-up is reported to the
+        server as the error's message (the server logs it), not Starlette's
+        traceback; the error stays in ``state.start_error``."""
+
+        async def lifespan_send(message: dict[str, Any]) -> None:
+            error = getattr(self.state, "start_error", None)
+            if message.get("type") == "lifespan.startup.failed" and error is not None:
+                message = {**message, "message": f"veil cannot start: {error}"}
+            await send(message)
+
+        return lifespan_send
 
 
 def _headers(scope: dict[str, Any]) -> dict[str, str]:

@@ -19,10 +19,12 @@ import orjson
 
 from .errors import PluginError, PolicyError
 
-__all__ = ["EXIT_PLUGIN", "EXIT_POLICY", "cli", "main"]
+__all__ = ["EXIT_PLUGIN", "EXIT_POLICY", "EXIT_START", "cli", "main"]
 
 EXIT_POLICY = 3
 EXIT_PLUGIN = 4
+EXIT_START = 5
+"""A plugin could not start (a missing key, an unreachable store, ...)."""
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -382,7 +384,8 @@ def serve(
 
     The policy is verified before anything listens: an unsigned, tampered,
     expired, not-yet-valid, wrong-audience or rolled-back policy stops here
-    with exit code 3; a missing or broken plugin with exit code 4.
+    with exit code 3; a missing or broken plugin with exit code 4; a plugin
+    that cannot start (a missing key, an unreachable store) with exit code 5.
     """
     from .gateway import GatewayConfig
     from .logs import configure_logging
@@ -441,19 +444,25 @@ def serve(
         factory = False
     else:
         target, factory = "veil.app:app_from_env", True
-    uvicorn.run(
-        target,
-        factory=factory,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http="httptools",
-        access_log=access_log,
-        log_level=log_level,
-        lifespan="on",
-        timeout_graceful_shutdown=10,
-    )
+    try:
+        uvicorn.run(
+            target,
+            factory=factory,
+            host=host,
+            port=port,
+            workers=workers,
+            loop="uvloop",
+            http="httptools",
+            access_log=access_log,
+            log_level=log_level,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
+    except SystemExit:
+        error = getattr(target.state, "start_error", None) if not factory else None
+        if error is None:
+            raise
+        sys.exit(EXIT_POLICY if isinstance(error, PolicyError) else EXIT_START)
 
 
 # -- mock upstream -------------------------------------------------------------

@@ -202,7 +202,9 @@ class PluginHost:
                 if inspect.isawaitable(result):
                     await result
             except Exception as e:
-                if first is None:
+                if first is None and isinstance(e, PluginError):
+                    first = e  # the plugin's own words, naming it already
+                elif first is None:
                     first = PluginError(
                         impl.plugin_name, f"hook {hook} raised {type(e).__name__}: {e}"
                     )

@@ -26,15 +26,19 @@ from veil.testing import ADMIN_KEY, TEST_KEY, GatewayProcess, PolicyKit, ServerT
 BODY = {"model": "mock-model", "messages": [{"role": "user", "content": "hello"}]}
 
 
-def serve(kit: PolicyKit, mock: ServerThread, directory: Path, **audit: Any) -> GatewayProcess:
+def audit_policy(kit: PolicyKit, mock: ServerThread, directory: Path, **audit: Any) -> Path:
+    """A signed policy with the audit stage alone, writing to ``directory``."""
     entry = {"fail": audit.pop("fail", "closed")}
     text = policy_toml(
         pipeline=["audit"], plugins={"audit": entry}, deployments=[upstream(mock.url)]
     )
     text += section("audit", {"path": str(directory), **audit})
-    path = kit.write(text, f"gw-{time.monotonic_ns()}.toml")
+    return kit.write(text, f"gw-{time.monotonic_ns()}.toml")
+
+
+def serve(kit: PolicyKit, mock: ServerThread, directory: Path, **audit: Any) -> GatewayProcess:
     return GatewayProcess(
-        path,
+        audit_policy(kit, mock, directory, **audit),
         kit.public_key_path,
         state_dir=kit.state_dir,
         env={"VEIL_AUDIT_HMAC_KEY": KEY},
@@ -154,3 +158,22 @@ def test_a_sink_that_cannot_write_refuses_or_counts_as_the_policy_says(
     # nothing half-written stayed behind: the chain is whole
     verdict = verify(sorted(directory.glob("audit*.jsonl")), KEY.encode())
     assert verdict.ok and verdict.closed, verdict.problem
+
+
+def test_a_gateway_without_its_key_does_not_start_and_says_what_to_set(
+    policy_kit: PolicyKit, mock_upstream: ServerThread, tmp_path: Path
+) -> None:
+    unkeyed = GatewayProcess(
+        audit_policy(policy_kit, mock_upstream, tmp_path / "audit"),
+        policy_kit.public_key_path,
+        state_dir=policy_kit.state_dir,
+        env={"VEIL_AUDIT_HMAC_KEY": ""},
+    )
+    try:
+        assert unkeyed.wait(60) == 5  # `veil serve`: a plugin could not start
+        out = unkeyed.output()
+    finally:
+        unkeyed.stop()
+    assert "veil cannot start: plugin 'audit' $VEIL_AUDIT_HMAC_KEY is not set" in out
+    assert "openssl rand -hex 32" in out  # how to fix it
+    assert "Traceback" not in out
