@@ -8,6 +8,7 @@ answers and streams) and :mod:`veil_pii.vault` (conversation mappings).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import click
@@ -15,8 +16,13 @@ import click
 from veil import PluginError, Stage, hookimpl
 from veil.runtime import Runtime
 
-from .settings import PiiSettings
-from .stage import PiiStage
+# Presidio logs, on the gateway's stderr and as plain text, the device it runs
+# on (when imported), each recognizer it loads (INFO) and each one it skips for
+# another language (WARNING): before it is imported, keep its errors only.
+logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
+
+from .settings import PiiSettings  # noqa: E402 - after the log level above
+from .stage import PiiStage  # noqa: E402
 
 __all__ = [
     "__version__",

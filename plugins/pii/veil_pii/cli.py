@@ -7,7 +7,6 @@ or malformed file); 3 the policy's ``[pii]`` section is invalid; 5 a
 
 from __future__ import annotations
 
-import logging
 import sys
 import tomllib
 from pathlib import Path
@@ -53,7 +52,6 @@ def load_settings(policy: Path | None) -> tuple[PiiSettings, str]:
 
 
 def _detector(settings: PiiSettings) -> Any:
-    logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
     from .detector import Detector, ModelNotInstalled
 
     try:
