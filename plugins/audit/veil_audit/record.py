@@ -143,7 +143,13 @@ def _iso(t: float) -> str:
         if len(_seconds) > 256:
             _seconds.clear()
         text = _seconds[s] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s))
-    return f"{text}.{int((t - s) * 1e6):06d}Z"
+    return text + "." + str(int((t - s) * 1e6)).zfill(6) + "Z"  # cheaper than a format spec
+
+
+def _places(x: float, scale: float) -> float:
+    """``x`` (not negative) rounded to ``1/scale``: what ``round(x, n)`` gives, at a
+    third of its cost (``round`` with digits goes through decimal conversion)."""
+    return int(x * scale + 0.5) / scale
 
 
 def build_record(
@@ -186,7 +192,7 @@ def build_record(
         "tokens_in": usage.prompt_tokens if usage is not None else 0,
         "tokens_out": usage.completion_tokens if usage is not None else 0,
         "tokens_cached": usage.cached_tokens if usage is not None else 0,
-        "cost_usd": round(dep.cost(usage), 9) if dep is not None and usage is not None else 0.0,
+        "cost_usd": _places(dep.cost(usage), 1e9) if dep is not None and usage is not None else 0.0,
         "pii": dict(derived.pii),
         "budget": derived.budget,
         "decisions": list(derived.decisions),
@@ -199,9 +205,9 @@ def build_record(
             "stage": error.stage if isinstance(error, StageFailed) else None,
         },
         "latency_ms": {
-            "total": round(total * 1000, 3),
-            "upstream": round(upstream * 1000, 3),
-            "gateway": round(max(0.0, total - upstream) * 1000, 3),
+            "total": _places(total * 1000, 1e3),
+            "upstream": _places(upstream * 1000, 1e3),
+            "gateway": _places(max(0.0, total - upstream) * 1000, 1e3),
         },
     }
     if prompts and derived.pii_scanned:
