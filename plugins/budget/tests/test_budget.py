@@ -143,6 +143,37 @@ def test_a_stream_without_usage_is_counted_with_tiktoken(
     assert report["prompt_tokens"] == len(enc.encode_ordinary("Say something short about budgets."))
 
 
+def test_the_tokenizer_loads_off_the_event_loop_and_a_broken_one_never_undercharges(
+    budget_gateway: Callable[..., ServerThread],
+    mock_upstream: ServerThread,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from veil_budget import stage, tokens
+
+    gw = budget_gateway(budgets=[team_budget(10.0)])  # the stage started the loading
+    tokens.load_encoding_soon().result(timeout=60)
+    assert tokens.count_tokens("Budgets hold.") == 4
+
+    def broken(text: str) -> int:
+        raise RuntimeError("the tokenizer's data file is damaged")
+
+    monkeypatch.setattr(stage, "count_tokens", broken)
+    mock_upstream.app.settings.stream_usage = False
+    prompt = "Say something short about budgets."
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key=TEST_KEY, max_retries=0) as client:
+        text = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model="both", messages=[{"role": "user", "content": prompt}], stream=True
+            )
+            if c.choices
+        )
+    report = spend(gw.url)
+    # bytes bound every BPE count: charged at least what tiktoken would count
+    assert report["completion_tokens"] == len(text.encode()) >= tokens.count_tokens(text)
+    assert report["prompt_tokens"] == len(prompt.encode()) >= tokens.count_tokens(prompt)
+
+
 # -- headers, soft limits, per-call caps ---------------------------------------------
 
 

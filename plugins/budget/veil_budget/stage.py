@@ -35,6 +35,7 @@ If the store cannot be reached, the call is refused (503
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import math
 import os
@@ -54,7 +55,14 @@ from .metrics import BudgetMetrics
 from .rules import Applied, applicable, period_end, rate_buckets
 from .settings import BudgetSettings, RateLimitRule
 from .store import NANO, Bucket, BucketState, Counter, Denied, Store, Usage
-from .tokens import count_tokens, prompt_text, prompt_token_bound
+from .tokens import (
+    count_tokens,
+    encoding_ready,
+    load_encoding_soon,
+    prompt_text,
+    prompt_token_bound,
+    text_token_bound,
+)
 
 __all__ = ["BudgetStage", "open_store"]
 
@@ -150,6 +158,8 @@ class BudgetStage:
             self.store = open_store(self.settings)
         if hasattr(self.store, "settle_failed"):  # settles that fail after returning
             self.store.settle_failed = lambda: self._count("store_error", "settle")
+        if self.active:
+            load_encoding_soon()  # for streams that end without usage; loads off the loop
 
     async def close(self) -> None:
         """Close the store (a SQLite file stays open while another policy uses it)."""
@@ -410,6 +420,9 @@ class BudgetStage:
     async def _settle(self, call: Call, mine: list[Any], *, finished: bool) -> None:
         mine[2] = True
         keys, amount = mine[0], mine[1]
+        if call.usage is None and call.deployment is not None:
+            with contextlib.suppress(Exception):  # _usage falls back to a bound then
+                await encoding_ready()  # counted below; loaded at start, normally long done
         usage, counted = _usage(call)
         dep = call.deployment
         cost = round(dep.cost(usage) * NANO) if dep is not None else 0
@@ -467,16 +480,23 @@ def _usage(call: Call) -> tuple[CallUsage, bool]:
         return call.usage, False
     if call.deployment is None:
         return CallUsage(), False
-    prompt = count_tokens(prompt_text(call.request)) if call.kind == "chat" else 0
     streamed = call.stream_text
     if streamed:
-        completion = count_tokens("".join(streamed))
+        answers = ["".join(streamed)]
     else:
-        completion = sum(
-            count_tokens(str((c.get("message") or {}).get("content") or ""))
+        answers = [
+            str((c.get("message") or {}).get("content") or "")
             for c in (call.response or {}).get("choices") or ()
             if isinstance(c, dict)
-        )
+        ]
+    question = prompt_text(call.request) if call.kind == "chat" else ""
+    try:
+        prompt = count_tokens(question)
+        completion = sum(count_tokens(a) for a in answers)
+    except Exception as e:  # noqa: BLE001 - never undercharge: bytes bound any BPE count
+        log.error("budget_tokenizer_failed", request_id=call.id, error=type(e).__name__)
+        prompt = text_token_bound(question)
+        completion = sum(text_token_bound(a) for a in answers)
     return CallUsage(prompt, completion, prompt + completion), True
 
 

