@@ -1,0 +1,75 @@
+"""Fixtures for veil-cache's tests: real gateways with the ``cache`` stage (and,
+where a test says so, ``pii``, ``budget`` and ``audit``) in front of ``veil
+mock-upstream``, driven by the official ``openai`` SDK. ``policy_kit``,
+``start_gateway``, ``mock_upstream`` and ``redis_server`` come from
+:mod:`veil.testing`."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from veil.testing import PolicyKit, ServerThread, _toml_value, policy_toml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cachetest import deployments  # noqa: E402
+
+import veil_cache  # noqa: E402
+
+
+def render(name: str, section: dict[str, Any]) -> str:
+    """``[name]`` with nested tables (``[name.sub]``) and arrays of tables."""
+    lines = ["", f"[{name}]"]
+    nested = {k: v for k, v in section.items() if isinstance(v, dict)}
+    arrays = {
+        k: v for k, v in section.items()
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
+    }
+    for k, v in section.items():
+        if k not in nested and k not in arrays:
+            lines.append(f"{k} = {_toml_value(v)}")
+    out = "\n".join(lines) + "\n"
+    for k, v in nested.items():
+        out += render(f"{name}.{k}", v)
+    for k, rules in arrays.items():
+        for rule in rules:
+            out += f"\n[[{name}.{k}]]\n" + "".join(
+                f"{rk} = {_toml_value(rv)}\n" for rk, rv in rule.items()
+            )
+    return out
+
+
+@pytest.fixture
+def cache_gateway(
+    policy_kit: PolicyKit, start_gateway: Callable[..., ServerThread], mock_upstream: ServerThread
+) -> Callable[..., ServerThread]:
+    """``cache_gateway(pipeline=[...], plugins={...}, sections={...}, **cache)``: a
+    started gateway running ``cache`` (and the other named plugins) with that
+    ``[cache]`` section, in front of the mock upstream."""
+    versions = iter(range(1, 1000))
+
+    def start(
+        pipeline: list[str] | None = None,
+        plugins: dict[str, Any] | None = None,
+        sections: dict[str, dict[str, Any]] | None = None,
+        env: dict[str, str] | None = None,
+        **cache: Any,
+    ) -> ServerThread:
+        pipeline = pipeline or ["cache"]
+        modules: dict[str, Any] = {"cache": veil_cache, **(plugins or {})}
+        text = policy_toml(
+            version=next(versions),
+            pipeline=pipeline,
+            deployments=deployments(mock_upstream.url),
+        )
+        for name, section in {**(sections or {}), "cache": cache}.items():
+            text += render(name, section)
+        path = policy_kit.write(text, f"gateway-{next(versions)}.toml")
+        return start_gateway(path, plugins=modules)
+
+    return start
