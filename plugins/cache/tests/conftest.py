@@ -50,16 +50,21 @@ def cache_gateway(
 ) -> Callable[..., ServerThread]:
     """``cache_gateway(pipeline=[...], plugins={...}, sections={...}, **cache)``: a
     started gateway running ``cache`` (and the other named plugins) with that
-    ``[cache]`` section, in front of the mock upstream."""
+    ``[cache]`` section, in front of the mock upstream. ``replica=True``: one
+    more gateway (its own runtime and store) on the last policy written."""
     versions = iter(range(1, 1000))
+    last: list[tuple[Any, dict[str, Any]]] = []
 
     def start(
         pipeline: list[str] | None = None,
         plugins: dict[str, Any] | None = None,
         sections: dict[str, dict[str, Any]] | None = None,
-        env: dict[str, str] | None = None,
+        replica: bool = False,
         **cache: Any,
     ) -> ServerThread:
+        if replica:  # another gateway process on the same signed policy
+            path, modules = last[-1]
+            return start_gateway(path, plugins=modules)
         pipeline = pipeline or ["cache"]
         modules: dict[str, Any] = {"cache": veil_cache, **(plugins or {})}
         text = policy_toml(
@@ -70,6 +75,8 @@ def cache_gateway(
         for name, section in {**(sections or {}), "cache": cache}.items():
             text += render(name, section)
         path = policy_kit.write(text, f"gateway-{next(versions)}.toml")
+        last.append((path, modules))
         return start_gateway(path, plugins=modules)
 
+    start.last = last  # type: ignore[attr-defined]
     return start
