@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 import sys
 from pathlib import Path
@@ -175,9 +174,12 @@ def eval_command(
         click.echo(f"error: {e}", err=True)
         sys.exit(4)
     t = threshold if threshold is not None else DEFAULT_THRESHOLD
-    show = not as_json and sys.stderr.isatty()
+    # on stderr (stdout stays clean for --json), when someone watches
     with click.progressbar(
-        length=2 * len(pairs), label="embedding", file=sys.stderr if show else open(os.devnull, "w")
+        length=2 * len(pairs),
+        label=f"embedding {2 * len(pairs)} sentences",
+        file=sys.stderr,
+        hidden=not sys.stderr.isatty(),
     ) as bar:
         report = evaluate(pairs, embedder.embed_many, t, bar.update)
     report["data"] = str(path)

