@@ -22,8 +22,13 @@ def deployments(url: str) -> list[dict[str, Any]]:
     """``mock-model`` and ``other-model`` on the mock upstream (it counts requests)."""
     common = {"provider": "openai", "api_base": url + "/v1", "max_retries": 0}
     return [
-        {"name": "mock-model", "model": "up-1", "input_per_mtok": 1.0,
-         "output_per_mtok": 2.0, **common},
+        {
+            "name": "mock-model",
+            "model": "up-1",
+            "input_per_mtok": 1.0,
+            "output_per_mtok": 2.0,
+            **common,
+        },
         {"name": "other-model", "model": "up-2", **common},
     ]
 
@@ -37,7 +42,11 @@ def client(gw: ServerThread, key: str = TEST_KEY, **kw: Any) -> openai.OpenAI:
 
 
 def ask(
-    gw: ServerThread, text: str, *, key: str = TEST_KEY, headers: dict[str, str] | None = None,
+    gw: ServerThread,
+    text: str,
+    *,
+    key: str = TEST_KEY,
+    headers: dict[str, str] | None = None,
     **params: Any,
 ) -> tuple[str, Any]:
     """One non-streaming call at temperature 0: (x-veil-cache header, the parsed answer)."""
@@ -76,8 +85,11 @@ def upstream_requests(mock: ServerThread) -> int:
 
 def admin(gw: ServerThread, method: str, key: str = ADMIN_KEY, **params: str) -> httpx.Response:
     return httpx.request(
-        method, gw.url + "/admin/cache", params=params,
-        headers={"authorization": f"Bearer {key}"}, timeout=30,
+        method,
+        gw.url + "/admin/cache",
+        params=params,
+        headers={"authorization": f"Bearer {key}"},
+        timeout=30,
     )
 
 

@@ -17,9 +17,8 @@ from veil.testing import PolicyKit, ServerThread, _toml_value, policy_toml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cachetest import deployments  # noqa: E402
-
 import veil_cache  # noqa: E402
+from cachetest import deployments  # noqa: E402
 
 
 def render(name: str, section: dict[str, Any]) -> str:
@@ -27,7 +26,8 @@ def render(name: str, section: dict[str, Any]) -> str:
     lines = ["", f"[{name}]"]
     nested = {k: v for k, v in section.items() if isinstance(v, dict)}
     arrays = {
-        k: v for k, v in section.items()
+        k: v
+        for k, v in section.items()
         if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
     }
     for k, v in section.items():

@@ -113,7 +113,9 @@ def test_an_unknown_x_veil_cache_value_is_a_400(cache_gateway: Start) -> None:
     gw = cache_gateway()
     with client(gw) as c, pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(
-            model="mock-model", messages=user(Q), temperature=0,
+            model="mock-model",
+            messages=user(Q),
+            temperature=0,
             extra_headers={"x-veil-cache": "please"},
         )
     assert e.value.status_code == 400 and e.value.code == "invalid_cache_header"

@@ -10,11 +10,11 @@ from collections.abc import Callable
 import pytest
 import redis
 from cachetest import admin, ask, ask_stream, upstream_requests
+from veil_cache.seal import SealBroken, Sealer
 
 from veil import PluginError
 from veil.gateway import Gateway
 from veil.testing import OTHER_KEY, PolicyKit, RedisServer, ServerThread
-from veil_cache.seal import Sealer, SealBroken
 
 Start = Callable[..., ServerThread]
 Q = "Which form do I need to file for a change of address at the registry?"
@@ -87,7 +87,7 @@ def test_redis_holds_only_ciphertext_that_no_other_key_opens(
         for clear in (b"registry", b"address", content.encode()[:20], b"chat.completion"):
             assert clear not in value and clear not in name
         assert b"test" not in name  # team ids are hashed in key names
-    (name, value), = entries.items()
+    ((name, value),) = entries.items()
     with pytest.raises(SealBroken):
         Sealer(secrets.token_bytes(32)).open(name, value)
     assert b"registry" in Sealer(base64.b64decode(key)).open(name, value)

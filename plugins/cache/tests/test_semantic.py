@@ -137,9 +137,7 @@ def test_eval_measures_hit_and_false_hit_rates(tmp_path: Path) -> None:
     assert report["pairs"] == 4 and report["same_pairs"] == 2
     assert report["hit_rate"] == 1.0 and report["false_hit_rate"] == 0.0
     assert report["suggested_threshold"] is not None
-    low = json.loads(
-        _cli(["eval", "--data", str(data), "--threshold", "0.85", "--json"]).output
-    )
+    low = json.loads(_cli(["eval", "--data", str(data), "--threshold", "0.85", "--json"]).output)
     assert low["false_hit_rate"] == 1.0 and low["wrong_hit_share"] == 0.5
     strict = _cli(["eval", "--data", str(data), "--threshold", "0.85", "--strict"])
     assert strict.exit_code == 3 and "MISSED" in strict.output

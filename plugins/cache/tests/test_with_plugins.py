@@ -41,8 +41,7 @@ def _stored_text(gw: ServerThread) -> str:
     """Everything the memory store holds, as one string (JSON unescaped)."""
     store = cache_stage(gw).store
     return "\n".join(
-        json.dumps(orjson.loads(value), ensure_ascii=False)
-        for _, value in store._entries.values()
+        json.dumps(orjson.loads(value), ensure_ascii=False) for _, value in store._entries.values()
     )
 
 

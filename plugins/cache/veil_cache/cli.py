@@ -58,8 +58,11 @@ def _admin(method: str, url: str, key: str, params: dict[str, str] | None = None
             timeout=30,
         )
     except httpx.HTTPError as e:
-        click.echo(f"error: cannot reach the gateway at {url} ({type(e).__name__}); "
-                   "check --url and that `veil serve` runs", err=True)
+        click.echo(
+            f"error: cannot reach the gateway at {url} ({type(e).__name__}); "
+            "check --url and that `veil serve` runs",
+            err=True,
+        )
         sys.exit(1)
     if r.status_code != 200:
         try:
@@ -88,8 +91,17 @@ def stats_command(url: str, key: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
-    for k in ("store", "entries", "bytes", "hits", "semantic_hits", "misses", "stored",
-              "bypassed", "hit_rate"):
+    for k in (
+        "store",
+        "entries",
+        "bytes",
+        "hits",
+        "semantic_hits",
+        "misses",
+        "stored",
+        "bypassed",
+        "hit_rate",
+    ):
         if k in doc:
             click.echo(f"{k:<14} {doc[k]}")
 
@@ -189,11 +201,17 @@ def eval_command(
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(f"{report['pairs']} pairs ({report['same_pairs']} same meaning) from {path}")
-        click.echo(f"threshold {t}: hit rate {report['hit_rate']:.3f}, false-hit rate "
-                   f"{report['false_hit_rate']:.3f}, wrong hits {report['wrong_hit_share']:.3f}")
-        click.echo("sweep: " + "; ".join(
-            f"{r['threshold']}: {r['hit_rate']:.3f}/{r['false_hit_rate']:.3f}"
-            for r in report["sweep"]))
+        click.echo(
+            f"threshold {t}: hit rate {report['hit_rate']:.3f}, false-hit rate "
+            f"{report['false_hit_rate']:.3f}, wrong hits {report['wrong_hit_share']:.3f}"
+        )
+        click.echo(
+            "sweep: "
+            + "; ".join(
+                f"{r['threshold']}: {r['hit_rate']:.3f}/{r['false_hit_rate']:.3f}"
+                for r in report["sweep"]
+            )
+        )
         click.echo(f"suggested threshold (false-hit <= 0.02): {report['suggested_threshold']}")
         click.echo("target (false-hit <= 0.02, hit >= 0.20): " + ("met" if met else "MISSED"))
     if strict and not met:

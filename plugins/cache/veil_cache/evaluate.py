@@ -103,7 +103,10 @@ def scores(
             progress(len(chunk))
     vectors = np.concatenate(rows)
     n = len(pairs)
-    return np.einsum("ij,ij->i", vectors[:n], vectors[n:]).astype(np.float32)
+    sims: np.ndarray[Any, np.dtype[np.float32]] = np.einsum(
+        "ij,ij->i", vectors[:n], vectors[n:]
+    ).astype(np.float32)
+    return sims
 
 
 def _rates(sims: np.ndarray[Any, Any], same: np.ndarray[Any, Any], t: float) -> dict[str, float]:

@@ -80,7 +80,7 @@ def last_user_text(request: dict[str, Any]) -> str | None:
     when it holds anything but text (an image is not compared by meaning)."""
     messages = request.get("messages")
     index = _last_user_index(messages)
-    if index is None:
+    if index is None or not isinstance(messages, list):
         return None
     content = messages[index].get("content")
     if isinstance(content, str):

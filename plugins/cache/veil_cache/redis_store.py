@@ -26,7 +26,7 @@ import structlog
 
 from .embed import DIM, Vector
 from .keys import team_tag
-from .seal import Sealer, SealBroken
+from .seal import SealBroken, Sealer
 
 __all__ = ["RedisStore", "WrongKey"]
 
@@ -120,9 +120,7 @@ class RedisStore:
         pipe.expire(name, self.ttl_s)
         await pipe.execute()
 
-    async def nearest(
-        self, team: str, partition: str, vector: Vector
-    ) -> tuple[str, float] | None:
+    async def nearest(self, team: str, partition: str, vector: Vector) -> tuple[str, float] | None:
         name = f"{self._team(team)}:p:{partition}".encode()
         records = await self.redis.lrange(name, 0, -1)
         if not records:

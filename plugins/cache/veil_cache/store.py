@@ -40,9 +40,7 @@ class Store(Protocol):
     async def add_vector(self, team: str, partition: str, key: str, vector: Vector) -> None:
         """Remember that the question ``vector`` of ``partition`` has the answer ``key``."""
 
-    async def nearest(
-        self, team: str, partition: str, vector: Vector
-    ) -> tuple[str, float] | None:
+    async def nearest(self, team: str, partition: str, vector: Vector) -> tuple[str, float] | None:
         """The stored answer key of the most similar question of ``partition``,
         with its cosine similarity; ``None`` when the partition is empty."""
 
@@ -146,9 +144,7 @@ class MemoryStore:
         part.keys = (part.keys + [key])[-self.max_per_partition :]
         part.expires = (part.expires + [now + self.ttl_s])[-self.max_per_partition :]
 
-    async def nearest(
-        self, team: str, partition: str, vector: Vector
-    ) -> tuple[str, float] | None:
+    async def nearest(self, team: str, partition: str, vector: Vector) -> tuple[str, float] | None:
         part = self._partitions.get((team, partition))
         if part is None or not part.keys:
             return None
