@@ -236,3 +236,34 @@ def test_the_memory_store_never_exceeds_its_byte_limit_under_a_flood(
     assert ask(gw, huge)[0] == "miss"
     assert ask(gw, huge)[0] == "miss"
     assert stage.store.bytes <= limit
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def test_veil_cache_stats_and_clear_talk_to_a_running_gateway(cache_gateway: Start) -> None:
+    import json
+
+    from click.testing import CliRunner
+    from veil_cache.cli import cache
+
+    from veil.testing import ADMIN_KEY
+
+    gw = cache_gateway()
+    ask(gw, Q)
+    ask(gw, Q)
+    runner = CliRunner()
+    stats = runner.invoke(cache, ["stats", "--url", gw.url, "--key", ADMIN_KEY, "--json"])
+    assert stats.exit_code == 0, stats.output
+    doc = json.loads(stats.output)
+    assert doc["entries"] == 1 and doc["hits"] == 1
+    text = runner.invoke(cache, ["stats", "--url", gw.url, "--key", ADMIN_KEY])
+    assert "hits" in text.output and "entries" in text.output
+    cleared = runner.invoke(cache, ["clear", "--url", gw.url, "--key", ADMIN_KEY, "--team", "test"])
+    assert cleared.exit_code == 0 and "deleted 1 entries of team test" in cleared.output
+    refused = runner.invoke(cache, ["stats", "--url", gw.url, "--key", TEST_KEY])
+    assert refused.exit_code == 1 and "403" in refused.output
+    gone = runner.invoke(cache, ["stats", "--url", "http://127.0.0.1:9", "--key", ADMIN_KEY])
+    assert gone.exit_code == 1 and "cannot reach the gateway" in gone.output
+    key = runner.invoke(cache, ["keygen"]).output.strip()
+    assert len(key) == 44
