@@ -6,6 +6,7 @@ import asyncio
 import base64
 import secrets
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
@@ -145,3 +146,37 @@ def test_a_redis_outage_serves_calls_uncached(
     assert ask(gw, Q)[0] == "bypass"
     assert upstream_requests(mock_upstream) == 2
     assert cache_stage(gw).counters["store_errors"] == 2
+
+
+def test_two_veil_serve_processes_share_hits(
+    policy_kit: PolicyKit,
+    mock_upstream: ServerThread,
+    shared_redis: tuple[RedisServer, str],
+    tmp_path: Path,
+) -> None:
+    """The installed distribution, loaded from its entry point by two `veil serve`
+    processes on one signed policy and one Redis."""
+    import os
+
+    from cachetest import deployments
+    from conftest import render
+
+    from veil.testing import GatewayProcess, policy_toml
+
+    server, key = shared_redis
+    text = policy_toml(
+        pipeline=["cache"],
+        plugins={"cache": {"distribution": "veil-cache", "version": ">=0.1,<0.2"}},
+        deployments=deployments(mock_upstream.url),
+    ) + render("cache", {"store": "redis"})
+    path = policy_kit.write(text)
+    env = {"VEIL_CACHE_REDIS_URL": server.url, "VEIL_CACHE_KEY": key}
+    assert os.environ["VEIL_CACHE_KEY"] == key
+    with (
+        GatewayProcess(path, policy_kit.public_key_path, state_dir=tmp_path / "a", env=env) as a,
+        GatewayProcess(path, policy_kit.public_key_path, state_dir=tmp_path / "b", env=env) as b,
+    ):
+        assert ask(a, Q)[0] == "miss"  # type: ignore[arg-type]
+        assert ask(b, Q)[0] == "hit"  # type: ignore[arg-type]
+        assert ask_stream(a, Q)[0] == "hit"  # type: ignore[arg-type]
+    assert upstream_requests(mock_upstream) == 1
