@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import openai
 
-from veil.testing import ADMIN_KEY, TEST_KEY, ServerThread
+from veil.testing import ADMIN_KEY, TEST_KEY, ServerThread, _toml_value
 
 HERE = Path(__file__).resolve().parent
 PLUGIN = HERE.parent
@@ -98,3 +98,26 @@ def cache_stage(gw: ServerThread) -> Any:
     runtime = gw.gateway.runtime
     (stage,) = [s.stage for s in runtime.stages if s.plugin == "cache"]
     return stage
+
+
+def render(name: str, section: dict[str, Any]) -> str:
+    """``[name]`` with nested tables (``[name.sub]``) and arrays of tables."""
+    lines = ["", f"[{name}]"]
+    nested = {k: v for k, v in section.items() if isinstance(v, dict)}
+    arrays = {
+        k: v
+        for k, v in section.items()
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
+    }
+    for k, v in section.items():
+        if k not in nested and k not in arrays:
+            lines.append(f"{k} = {_toml_value(v)}")
+    out = "\n".join(lines) + "\n"
+    for k, v in nested.items():
+        out += render(f"{name}.{k}", v)
+    for k, rules in arrays.items():
+        for rule in rules:
+            out += f"\n[[{name}.{k}]]\n" + "".join(
+                f"{rk} = {_toml_value(rv)}\n" for rk, rv in rule.items()
+            )
+    return out

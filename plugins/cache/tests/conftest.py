@@ -13,35 +13,12 @@ from typing import Any
 
 import pytest
 
-from veil.testing import PolicyKit, ServerThread, _toml_value, policy_toml
+from veil.testing import PolicyKit, ServerThread, policy_toml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import veil_cache  # noqa: E402
-from cachetest import deployments  # noqa: E402
-
-
-def render(name: str, section: dict[str, Any]) -> str:
-    """``[name]`` with nested tables (``[name.sub]``) and arrays of tables."""
-    lines = ["", f"[{name}]"]
-    nested = {k: v for k, v in section.items() if isinstance(v, dict)}
-    arrays = {
-        k: v
-        for k, v in section.items()
-        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
-    }
-    for k, v in section.items():
-        if k not in nested and k not in arrays:
-            lines.append(f"{k} = {_toml_value(v)}")
-    out = "\n".join(lines) + "\n"
-    for k, v in nested.items():
-        out += render(f"{name}.{k}", v)
-    for k, rules in arrays.items():
-        for rule in rules:
-            out += f"\n[[{name}.{k}]]\n" + "".join(
-                f"{rk} = {_toml_value(rv)}\n" for rk, rv in rule.items()
-            )
-    return out
+from cachetest import deployments, render  # noqa: E402
 
 
 @pytest.fixture

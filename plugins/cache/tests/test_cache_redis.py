@@ -158,8 +158,7 @@ def test_two_veil_serve_processes_share_hits(
     processes on one signed policy and one Redis."""
     import os
 
-    from cachetest import deployments
-    from conftest import render
+    from cachetest import deployments, render
 
     from veil.testing import GatewayProcess, policy_toml
 

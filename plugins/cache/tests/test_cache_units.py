@@ -162,7 +162,7 @@ def test_sealed_values_open_only_with_their_key_and_name(monkeypatch: pytest.Mon
     ],
 )
 def test_an_invalid_section_makes_the_policy_invalid(section: dict[str, Any]) -> None:
-    from conftest import render
+    from cachetest import render
 
     text = policy_toml(pipeline=["cache"]) + render("cache", section)
     with pytest.raises(PolicyError, match=r"\[cache\]"):
