@@ -173,3 +173,15 @@ def test_the_version_matches_the_distribution() -> None:
     from importlib.metadata import version
 
     assert veil_cache.__version__ == version("veil-cache")
+
+
+def test_every_module_has_a_sorted_all_of_names_it_defines() -> None:
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(veil_cache.__path__):
+        module = importlib.import_module(f"veil_cache.{info.name}")
+        names = list(module.__all__)
+        assert names == sorted(names), info.name
+        assert all(hasattr(module, n) for n in names), info.name
+    assert list(veil_cache.__all__) == sorted(veil_cache.__all__)

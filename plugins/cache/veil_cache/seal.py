@@ -16,7 +16,7 @@ import secrets
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["BadKey", "Sealer", "SealBroken", "load_key"]
+__all__ = ["BadKey", "SealBroken", "Sealer", "load_key"]
 
 
 class BadKey(ValueError):

@@ -23,7 +23,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["DEFAULT_THRESHOLD", "CacheSettings", "SemanticSettings"]
+__all__ = ["CacheSettings", "DEFAULT_THRESHOLD", "SemanticSettings"]
 
 DEFAULT_THRESHOLD = 0.98
 """Cosine similarity above which two redacted questions share an answer: chosen

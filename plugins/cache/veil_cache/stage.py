@@ -32,6 +32,8 @@ uncached, logged and counted.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -48,7 +50,7 @@ from .keys import exact_key, last_user_text, partition_key
 from .settings import CacheSettings
 from .store import MemoryStore, Store
 
-__all__ = ["HEADER", "CacheStage", "open_store"]
+__all__ = ["CacheStage", "HEADER", "open_store"]
 
 log = structlog.get_logger("veil.cache")
 
@@ -64,8 +66,6 @@ def open_store(settings: CacheSettings) -> Store:
     """
     sem = settings.semantic
     if settings.store == "redis":
-        import os
-
         from .redis_store import RedisStore
         from .seal import load_key
 
@@ -137,8 +137,6 @@ class CacheStage:
         :raises ValueError: the Redis URL or key is missing.
         :raises WrongKey: the Redis store's entries were sealed with another key.
         """
-        import asyncio
-
         if self.store is None:
             self.store = store or open_store(self.settings)
             check = getattr(self.store, "check_key", None)
