@@ -43,15 +43,27 @@ _VERSION = b"veil-cache/1\x00"
 _OPTS = orjson.OPT_SORT_KEYS
 
 
+_heads: dict[tuple[Any, ...], bytes] = {}
+
+
 def _head(call: Call) -> bytes:
+    """The namespace of a call's keys (team, policy version, route), worked out
+    once per team and route."""
     route = call.route
-    deployments = ",".join(d.name for d in route.deployments) if route is not None else ""
-    return b"%s%s\x00%d\x00%s\x00" % (
-        _VERSION,
-        call.principal.team.encode(),
-        call.policy.version,
-        deployments.encode(),
-    )
+    deployments = tuple(route.deployments) if route is not None else ()
+    memo = (call.principal.team, call.policy.version, deployments)
+    head = _heads.get(memo)
+    if head is None:
+        if len(_heads) > 10_000:
+            _heads.clear()
+        names = ",".join(d.name for d in deployments)
+        head = _heads[memo] = b"%s%s\x00%d\x00%s\x00" % (
+            _VERSION,
+            memo[0].encode(),
+            memo[1],
+            names.encode(),
+        )
+    return head
 
 
 def _digest(call: Call, body: dict[str, Any]) -> str:
