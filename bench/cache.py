@@ -4,7 +4,8 @@ on its hit path, against the core only.
 Run with ``python -m bench.cache`` (``make bench`` runs it after the audit scenario).
 Everything is measured in one run, on loopback, in front of one ``veil mock-upstream``:
 
-- ``core``: ``veil serve`` with an empty pipeline (the core only), the baseline;
+- ``core``: ``veil serve`` with an empty pipeline (the core only), the baseline, loaded
+  with the same never-repeated requests as ``miss``;
 - ``miss``: ``veil serve`` with ``pipeline = ["cache"]`` (memory store,
   ``any_temperature = true`` since the bench's request has temperature 0.2), loaded
   with requests that are never repeated (the user message holds a value unique to the
@@ -108,7 +109,10 @@ class CacheScenario(StageScenario):
         return "\n[cache]\nany_temperature = true\n"
 
     def body_file(self, setup: Setup, gateway: str, mode: str, default: Path) -> Path:
-        if gateway != "miss":
+        """``hit``: the main bench's body, always the same. ``miss`` and ``core``: the
+        never-repeated one, so that the two compared on the miss path see the same
+        requests, sent the same way (the only difference is the stage)."""
+        if gateway == "hit":
             return default
         path = setup.workdir / f"body-unique-{mode}.json"
         if not path.exists():

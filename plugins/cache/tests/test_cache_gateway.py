@@ -140,9 +140,11 @@ def test_a_stream_hit_replays_the_original_stream_with_usage(
     assert (h1, h2) == ("miss", "hit")
     assert text1 and text2 == text1
     assert upstream_requests(mock_upstream) == 1
-    usage1 = [c.usage for c in chunks1 if c.usage]
-    usage2 = [c.usage for c in chunks2 if c.usage]
-    assert len(usage2) == 1 and usage2 == usage1
+    counts = [
+        [(u.prompt_tokens, u.completion_tokens, u.total_tokens) for c in chunks if (u := c.usage)]
+        for chunks in (chunks1, chunks2)
+    ]
+    assert len(counts[1]) == 1 and counts[1] == counts[0]
     assert chunks2[0].id != chunks1[0].id
     finish = [ch.choices[0].finish_reason for ch in chunks2 if ch.choices]
     assert finish[-1] == "stop"
@@ -157,7 +159,7 @@ def test_a_stream_hit_replays_the_original_stream_with_usage(
     assert upstream_requests(mock_upstream) == 2
 
 
-def test_streamed_tool_calls_are_stored_and_replayed(
+def test_tool_calls_stored_from_a_plain_call_are_replayed_to_a_stream(
     cache_gateway: Start, mock_upstream: ServerThread
 ) -> None:
     gw = cache_gateway()
@@ -172,20 +174,43 @@ def test_streamed_tool_calls_are_stored_and_replayed(
     ]
     params = {"tools": tools, "tool_choice": "required"}
     with client(gw) as c:
+        # a streamed tool call is served, not stored (it is stored from plain calls)
         first = c.chat.completions.create(
             model="mock-model", messages=user(Q), temperature=0, stream=True, **params
         )
-        calls1 = [tc for ch in first if ch.choices for tc in ch.choices[0].delta.tool_calls or ()]
-        plain = c.chat.completions.create(
+        streamed = [tc for ch in first if ch.choices for tc in ch.choices[0].delta.tool_calls or ()]
+        assert streamed
+        raw = c.chat.completions.with_raw_response.create(
             model="mock-model", messages=user(Q), temperature=0, **params
         )
-    assert upstream_requests(mock_upstream) == 1
+        assert raw.headers["x-veil-cache"] == "miss"
+        plain = raw.parse()
+        replay = c.chat.completions.create(
+            model="mock-model", messages=user(Q), temperature=0, stream=True, **params
+        )
+        replayed = [
+            tc for ch in replay if ch.choices for tc in ch.choices[0].delta.tool_calls or ()
+        ]
+    assert upstream_requests(mock_upstream) == 2
     (tool_call,) = plain.choices[0].message.tool_calls or []
-    assert tool_call.function.name == "lookup"
-    assert tool_call.function.arguments == "".join(
-        tc.function.arguments or "" for tc in calls1 if tc.function
-    )
     assert plain.choices[0].finish_reason == "tool_calls"
+    (again,) = replayed
+    assert again.function is not None and again.function.name == "lookup"
+    assert again.function.arguments == tool_call.function.arguments
+    assert again.id == tool_call.id
+
+
+def test_a_streamed_answer_cut_by_its_output_cap_is_stored_as_length(
+    cache_gateway: Start, mock_upstream: ServerThread
+) -> None:
+    gw = cache_gateway()
+    long_q = "Tell me everything about " + "the history of the printing press " * 10
+    h1, text1, _ = ask_stream(gw, long_q, max_tokens=5)
+    h2, answer = ask(gw, long_q, max_tokens=5)
+    assert (h1, h2) == ("miss", "hit")
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.choices[0].message.content == text1
+    assert answer.usage is not None and answer.usage.completion_tokens == 5
 
 
 # -- admin ------------------------------------------------------------------------------

@@ -23,8 +23,12 @@ values) and stores the answer before ``pii`` restores it.
 
 ``on_response`` of a hit sets the call's usage to zero tokens (the upstream
 spent none: ``budget`` settles it at $0 and releases its reservation); of a
-miss, it stores the answer (for a stream: assembled by ``wrap_stream`` once
-it completed). Every answer carries ``x-veil-cache: hit|miss|bypass``, and
+miss, it stores the answer. A streamed miss is stored once complete, rebuilt
+from the text the core collects (``call.stream_text``: no stream wrapper, so
+streams cost no extra generator per chunk) and the usage of the upstream's
+last chunk, when its answer is one choice of plain text (no tools, ``n`` 1,
+no log probabilities or JSON schema: those are stored from non-streaming
+calls). Every answer carries ``x-veil-cache: hit|miss|bypass``, and
 each call a ``cache`` decision (``hit``, ``miss``, ``stored`` or ``bypass``)
 for audit. A store that fails (Redis down) never fails the call: it is served
 uncached, logged and counted.
@@ -35,15 +39,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import structlog
 
 from veil import BadRequest, Call
-from veil.types import Chunk, Usage
+from veil.types import Usage
 
 from .embed import Embedder, Vector
 from .keys import exact_key, last_user_text, partition_key
@@ -98,16 +101,7 @@ class _Miss:
     key: str
     partition: str | None = None
     vector: Vector | None = None
-    streamed: dict[str, Any] | None = None
-
-
-@dataclass(slots=True)
-class _Choice:
-    content: list[str] = field(default_factory=list)
-    refusal: list[str] = field(default_factory=list)
-    tools: dict[int, dict[str, Any]] = field(default_factory=dict)
-    finish: str | None = None
-    role: str = "assistant"
+    stream_storable: bool = False
 
 
 _HIT = "hit"
@@ -214,6 +208,11 @@ class CacheStage:
             if value is not None:
                 self._hit(call, value, match, similarity)
                 return
+        if call.stream and _plain_stream(request):
+            # the core collects the streamed text for us (cheaper than a stream wrapper)
+            miss.stream_storable = True
+            if call.stream_text is None:
+                call.stream_text = []
         call.scratch[self.name] = miss
         call.response_headers[HEADER] = "miss"
         self._count("misses")
@@ -260,7 +259,7 @@ class CacheStage:
         if mine is _HIT:
             call.usage = Usage()
             return
-        answer = mine.streamed if call.stream else call.response
+        answer = _streamed_answer(call, mine) if call.stream else call.response
         if not _storable(answer):
             return
         # serialized now: pii restores the answer in place after this stage
@@ -285,13 +284,6 @@ class CacheStage:
             return
         self._count("stored")
         call.decide(self.name, "stored")
-
-    def wrap_stream(self, call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-        """For a streamed miss: assemble the answer as it passes, to store it."""
-        mine = call.scratch.get(self.name)
-        if mine is None or mine is _HIT:
-            return chunks
-        return _assemble(mine, chunks)
 
     async def stats(self) -> dict[str, Any]:
         """The store's figures and this process's counters."""
@@ -320,82 +312,58 @@ def _storable(answer: dict[str, Any] | None) -> bool:
     return all(isinstance(c, dict) and c.get("finish_reason") in _STORABLE_FINISH for c in choices)
 
 
-async def _assemble(miss: _Miss, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-    """Pass ``chunks`` on; once they all passed, ``miss.streamed`` holds the
-    equivalent ``chat.completion`` (not when the stream broke off)."""
-    choices: dict[int, _Choice] = {}
-    head: Chunk | None = None
-    usage: Any = None
-    async for chunk in chunks:
-        if head is None:
-            head = chunk
-        for c in chunk.get("choices") or ():
-            delta = c.get("delta")
-            index = c.get("index", 0)
-            choice = choices.get(index)
-            if choice is None:
-                choice = choices[index] = _Choice()
-            if delta:
-                text = delta.get("content")
-                if text:
-                    choice.content.append(text)
-                refusal = delta.get("refusal")
-                if refusal:
-                    choice.refusal.append(refusal)
-                tools = delta.get("tool_calls")
-                if tools:
-                    _add_tools(choice, tools)
-            finish = c.get("finish_reason")
-            if finish:
-                choice.finish = finish
-        u = chunk.get("usage")
-        if u:
-            usage = u
-        yield chunk
-    if head is None:
-        return
-    miss.streamed = {
-        "id": head.get("id"),
+def _plain_stream(request: dict[str, Any]) -> bool:
+    """A streamed request whose answer is one choice of plain text: what
+    :func:`_streamed_answer` can rebuild from the text the core collects.
+    (Tool calls, several choices, log probabilities and structured outputs
+    are stored from non-streaming calls only.)"""
+    n = request.get("n")
+    fmt = request.get("response_format")
+    return (
+        not request.get("tools")
+        and not request.get("functions")
+        and (n is None or n == 1)
+        and not request.get("logprobs")
+        and not (isinstance(fmt, dict) and fmt.get("type") == "json_schema")
+    )
+
+
+def _streamed_answer(call: Call, miss: _Miss) -> dict[str, Any] | None:
+    """The ``chat.completion`` a completed plain stream amounts to: its text
+    (collected by the core in ``call.stream_text``) and usage (the upstream's
+    last chunk: a stream that ended without it is not stored). The finish
+    reason is ``length`` when the answer used its whole output cap, else
+    ``stop``."""
+    usage = call.usage
+    if not miss.stream_storable or call.stream_text is None or usage is None:
+        return None
+    text = "".join(call.stream_text)
+    if not text:
+        return None
+    request = call.request
+    caps = [v for v in (request.get("max_completion_tokens"), request.get("max_tokens"))]
+    cap = min((v for v in caps if type(v) is int and v > 0), default=0)
+    if call.route is not None and call.route.max_output_tokens:
+        cap = min(cap or call.route.max_output_tokens, call.route.max_output_tokens)
+    finish = "length" if cap and usage.completion_tokens >= cap else "stop"
+    dep = call.deployment
+    return {
+        "id": "chatcmpl-" + call.id,
         "object": "chat.completion",
-        "created": head.get("created"),
-        "model": head.get("model"),
-        "choices": [_message(i, c) for i, c in sorted(choices.items())],
-        "usage": usage,
-    }
-    if head.get("system_fingerprint"):
-        miss.streamed["system_fingerprint"] = head["system_fingerprint"]
-
-
-def _add_tools(choice: _Choice, tools: list[Any]) -> None:
-    for t in tools:
-        if not isinstance(t, dict):
-            continue
-        slot = choice.tools.setdefault(t.get("index", 0), {"args": []})
-        if t.get("id"):
-            slot["id"] = t["id"]
-        if t.get("type"):
-            slot["type"] = t["type"]
-        fn = t.get("function")
-        if isinstance(fn, dict):
-            if fn.get("name"):
-                slot["name"] = fn["name"]
-            if fn.get("arguments"):
-                slot["args"].append(fn["arguments"])
-
-
-def _message(index: int, c: _Choice) -> dict[str, Any]:
-    message: dict[str, Any] = {
-        "role": "assistant",
-        "content": "".join(c.content) if c.content or not c.tools else None,
-        "refusal": "".join(c.refusal) if c.refusal else None,
-    }
-    if c.tools:
-        message["tool_calls"] = [
+        "created": int(time.time()),
+        "model": dep.model if dep is not None else str(request.get("model") or ""),
+        "choices": [
             {
-                "id": t.get("id", ""),
-                "type": t.get("type", "function"),
-                "function": {"name": t.get("name", ""), "arguments": "".join(t["args"])},
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish,
             }
-            for _, t in sorted(c.tools.items())
-        ]
-    return {"index": index, "message": message, "logprobs": None, "finish_reason": c.finish}
+        ],
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        },
+    }
