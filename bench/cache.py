@@ -10,8 +10,8 @@ Everything is measured in one run, on loopback, in front of one ``veil mock-upst
   ``any_temperature = true`` since the bench's request has temperature 0.2), loaded
   with requests that are never repeated (the user message holds a value unique to the
   run, the load generator's thread and the request): every call computes its key,
-  looks it up, misses, calls the upstream and stores the answer (streams: assembled
-  from the chunks), and the store evicts as it fills;
+  looks it up, misses, calls the upstream and stores the answer (streams: rebuilt
+  from the text the core collected), and the store evicts as it fills;
 - ``hit``: the same gateway loaded with the main bench's request, always the same:
   after the first call, every call is answered from the cache (streams: replayed as
   chunks) and never reaches the upstream.
