@@ -15,11 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+
+UNIQUE_MARKER = b"__BENCH_SEQ__"
+"""Replaced in each request by a value never sent before (as ``wrk_post.lua`` does)."""
 
 
 @dataclass
@@ -51,10 +55,17 @@ async def _worker(
     deadline: float,
     tally: Tally,
 ) -> None:
+    unique = UNIQUE_MARKER in body
+    salt = os.urandom(6).hex().encode()
+    seq = 0
     while time.perf_counter() < deadline:
         start = time.perf_counter()
+        data = body
+        if unique:  # a request never sent before (see wrk_post.lua)
+            seq += 1
+            data = body.replace(UNIQUE_MARKER, salt + b"-%d" % seq, 1)
         try:
-            async with session.post(url, data=body, headers=headers) as resp:
+            async with session.post(url, data=data, headers=headers) as resp:
                 payload = await resp.read()
         except aiohttp.ClientConnectorError:
             tally.connect += 1

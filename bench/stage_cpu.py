@@ -167,9 +167,13 @@ class StageScenario:
     def default_out(self) -> Path:
         return ROOT / "bench" / "results" / f"{self.stage}-latest.json"
 
+    def limit_of(self, gateway: str) -> float:
+        """The limit of ``gateway``'s target (default: ``limit``, for every gateway)."""
+        return self.limit
+
     def target_name(self, gateway: str) -> str:
         """The target's name in the report and in the JSON's ``targets``."""
-        pct = round((self.limit - 1) * 100)
+        pct = round((self.limit_of(gateway) - 1) * 100)
         claim = f"{self.stage} adds <= {pct}% CPU per request"
         return claim if self.single else f"{gateway}: {claim}"
 
@@ -199,6 +203,11 @@ class StageScenario:
         """Check the gateways before the load (default: each answers a call in each
         mode); raise ``BenchError`` to stop the run."""
         check_answers(setup, [CORE, *gateways])
+
+    def body_file(self, setup: Setup, gateway: str, mode: str, default: Path) -> Path:
+        """The request body gateway ``gateway`` is loaded with in ``mode`` (default: the
+        main bench's body, the same for every gateway)."""
+        return default
 
     def side_pid(self, setup: Setup, gateway: str) -> int | None:
         """A process besides the gateway (redis-server) whose CPU per request, during the
@@ -349,7 +358,8 @@ def run_plan(
         progress.before(i)
         side = sc.side_pid(setup, step.target)
         s0 = tree_cpu_seconds(side) if side else 0.0
-        sample = measure(gen, setup.sup, setup.running[step.target], step, body_files)
+        body = sc.body_file(setup, step.target, step.mode, body_files[step.mode])
+        sample = measure(gen, setup.sup, setup.running[step.target], step, {step.mode: body})
         s1 = tree_cpu_seconds(side) if side else 0.0
         progress.after(i)
         n = sample.load.requests
@@ -484,7 +494,7 @@ def render(sc: StageScenario, result: dict[str, Any], targets: list[str]) -> str
             detail = f"({result['skipped'].get(g, 'not measured')})"
         else:
             label = "" if sc.single else f"{g}/core "
-            detail = f"(median {label}{_fmt(med)}x, limit {sc.limit}x)"
+            detail = f"(median {label}{_fmt(med)}x, limit {sc.limit_of(g)}x)"
         lines.append(f"  {status}  {name} {detail}")
     return "\n".join(lines)
 
@@ -627,7 +637,7 @@ def _measure(
     result["median_ratio"] = medians[sc.gateways[0]] if sc.single else medians
     for g in sc.gateways:
         m = medians[g]
-        result["targets"][sc.target_name(g)] = None if m is None else m <= sc.limit
+        result["targets"][sc.target_name(g)] = None if m is None else m <= sc.limit_of(g)
     return targets
 
 

@@ -20,6 +20,22 @@ if body_file and body_file ~= "" then
 end
 assert(body, "set BENCH_BODY_FILE or BENCH_BODY")
 
+-- A body holding the marker __BENCH_SEQ__ gets it replaced, in every request, by a value
+-- unique to this run, thread and request (for loads that must never repeat a request,
+-- such as a cache's miss path).
+local MARKER = "__BENCH_SEQ__"
+if body:find(MARKER, 1, true) then
+  local urandom = assert(io.open("/dev/urandom", "rb"))
+  local salt = urandom:read(6):gsub(".", function(c) return string.format("%02x", c:byte()) end)
+  urandom:close()
+  local seq = 0
+  local template = body
+  function request()
+    seq = seq + 1
+    return wrk.format(nil, nil, nil, (template:gsub(MARKER, salt .. "-" .. seq, 1)))
+  end
+end
+
 wrk.method = "POST"
 wrk.body = body
 wrk.headers["Content-Type"] = "application/json"
