@@ -173,3 +173,52 @@ def start_error(kit: Any, path: Any, plugins: Mapping[str, Any]) -> Exception:
     error = asyncio.run(attempt())
     assert error is not None, "the gateway started"
     return error
+
+
+class HalfStream:
+    """An upstream (ASGI) that accepts a streaming call, sends one chunk, then
+    an error event: a stream that breaks half-way. Counts its requests."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        while (await receive()).get("more_body"):
+            pass
+        self.requests += 1
+        chunk = (
+            b'data: {"id": "c1", "object": "chat.completion.chunk", "created": 0, '
+            b'"model": "half", "choices": [{"index": 0, "delta": {"role": "assistant", '
+            b'"content": "Hel"}, "finish_reason": null}]}\n\n'
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        error = b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
+        await send({"type": "http.response.body", "body": error, "more_body": False})
+
+
+def metric_value(gw: ServerThread, name: str, **labels: str) -> float | None:
+    """A sample's value from the gateway's ``/metrics`` (``None`` if absent)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(gw.url + "/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
