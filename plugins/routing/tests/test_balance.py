@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import openai
 from routingtest import chat, mock_dep
+from veil_routing.balance import Balancer
 
 from veil.testing import TEST_KEY, ServerThread
 from veil.types import Deployment
-from veil_routing.balance import Balancer
 
 Gateway = Callable[..., ServerThread]
 

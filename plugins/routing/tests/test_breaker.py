@@ -11,9 +11,9 @@ import openai
 import pytest
 import structlog
 from routingtest import chat, http_dep, metric_value, mock_server
+from veil_routing.breaker import Breaker
 
 from veil.testing import TEST_KEY, ServerThread
-from veil_routing.breaker import Breaker
 
 Gateway = Callable[..., ServerThread]
 
