@@ -6,7 +6,7 @@ injection). ``policy_kit`` and ``start_gateway`` come from :mod:`veil.testing`."
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,14 @@ from veil.testing import PolicyKit, ServerThread
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from routingtest import Recorder, routing_policy  # noqa: E402
+from routingtest import Recorder, close_clients, routing_policy  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Close the ``openai`` clients a test opened (no socket left to the GC)."""
+    yield
+    close_clients()
 
 
 @pytest.fixture

@@ -123,8 +123,25 @@ class Recorder:
         return out
 
 
+_CLIENTS: dict[tuple[str, str], openai.OpenAI] = {}
+
+
 def client(gw: ServerThread, key: str = TEST_KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    """An ``openai`` client for the gateway (one per gateway and key, closed
+    after each test by the ``close_clients`` fixture)."""
+    found = _CLIENTS.get((gw.url, key))
+    if found is None:
+        found = _CLIENTS[(gw.url, key)] = openai.OpenAI(
+            base_url=gw.url + "/v1", api_key=key, max_retries=0
+        )
+    return found
+
+
+def close_clients() -> None:
+    """Close every client :func:`client` made."""
+    for c in _CLIENTS.values():
+        c.close()
+    _CLIENTS.clear()
 
 
 def chat(

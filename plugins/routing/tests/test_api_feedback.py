@@ -107,23 +107,24 @@ def test_feedback_persists_across_a_restart(
     section = _section(*_router(tmp_path))
     policy = policy_kit.write(routing_policy(DEPS, section, pipeline=["routing"]))
     gw = start_gateway(policy, plugins={"routing": veil_routing})
-    answer, headers = chat(gw, "auto", "say hello please")
+    cost = {"x-veil-route-strategy": "cost"}
+    answer, headers = chat(gw, "auto", "say hello please", headers=cost)
     assert answer.model == "up-small"
     rid = headers["x-request-id"]
     # another key cannot score this call
     r = _post(gw, {"request_id": rid, "score": 0.0}, key=OTHER_KEY)
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_request_id"
     for _ in range(30):  # the small model keeps failing this kind of prompt
-        _, h = chat(gw, "auto", "say hello please")
+        _, h = chat(gw, "auto", "say hello please", headers=cost)
         if h["x-veil-model"] != "small":
             break
         r = _post(gw, {"request_id": h["x-request-id"], "score": 0.0})
         assert r.status_code == 200 and r.json()["accepted"] is True
-    assert chat(gw, "auto", "say hello please")[1]["x-veil-model"] == "big"
+    assert chat(gw, "auto", "say hello please", headers=cost)[1]["x-veil-model"] == "big"
     gw.stop()
     # a new gateway process state: the same state dir, the learned estimates are back
     policy2 = policy_kit.write(
         routing_policy(DEPS, section, pipeline=["routing"], version=2), "gateway-2.toml"
     )
     gw2 = start_gateway(policy2, plugins={"routing": veil_routing})
-    assert chat(gw2, "auto", "say hello please")[1]["x-veil-model"] == "big"
+    assert chat(gw2, "auto", "say hello please", headers=cost)[1]["x-veil-model"] == "big"

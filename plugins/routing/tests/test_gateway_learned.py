@@ -68,16 +68,18 @@ def test_strategy_request_through_the_gateway(
     routing_gateway: Gateway, artifact: tuple[Path, str]
 ) -> None:
     gw = routing_gateway(DEPS, _section(*artifact))
-    answer, headers = chat(gw, "auto", "say hello to the ocean")
+    cost = {"x-veil-route-strategy": "cost"}
+    answer, headers = chat(gw, "auto", "say hello to the ocean", headers=cost)
     assert answer.model == "up-small"
     assert headers["x-veil-model"] == "small"
-    assert headers["x-veil-route"].startswith("pool=auto; strategy=balanced; model=small;")
-    answer, headers = chat(gw, "auto", "prove that a prime number is odd")
+    assert headers["x-veil-route"].startswith("pool=auto; strategy=cost; model=small;")
+    quality = {"x-veil-route-strategy": "quality"}
+    answer, headers = chat(gw, "auto", "prove that a prime number is odd", headers=quality)
     assert answer.model == "up-big"
-    answer, headers = chat(
-        gw, "auto", "say hello to the ocean", headers={"x-veil-route-strategy": "quality"}
-    )
-    assert "strategy=quality" in headers["x-veil-route"]
+    assert headers["x-veil-route"].startswith("pool=auto; strategy=quality; model=big;")
+    # without a header: the policy's default strategy
+    _, headers = chat(gw, "auto", "prove that a prime number is odd")
+    assert headers["x-veil-route"].startswith("pool=auto; strategy=balanced; model=big;")
 
 
 def test_relative_artifact_path_is_read_next_to_the_policy(
@@ -92,7 +94,8 @@ def test_relative_artifact_path_is_read_next_to_the_policy(
         routing_policy(DEPS, _section(Path("routers/r.veilrouter"), sha), pipeline=["routing"])
     )
     gw = start_gateway(policy, plugins={"routing": veil_routing})
-    assert chat(gw, "auto", "name a fruit like bread")[0].model == "up-small"
+    cost = {"x-veil-route-strategy": "cost"}
+    assert chat(gw, "auto", "name a fruit like bread", headers=cost)[0].model == "up-small"
 
 
 def test_tampered_artifact_is_refused_at_start_up(
