@@ -286,3 +286,29 @@ def test_names_unknown_to_the_policy_stop_start_up(
     error = start_error(policy_kit, path, {"routing": veil_routing})
     assert isinstance(error, PluginError)
     assert expected in str(error)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "literal"),
+    [
+        (r"\bdef \w+\(", ("def ", False)),
+        (r"(?i)refund", ("refund", True)),
+        (r"abc*", (None, False)),
+        (r"foo|bar", (None, False)),
+        (r"hello+ world", ("hello", False)),
+        (r"abcd?e", ("abc", False)),
+        (r"\d+", (None, False)),
+    ],
+)
+def test_regex_prefilter_literal_is_only_what_every_match_contains(
+    pattern: str, literal: tuple[str | None, bool]
+) -> None:
+    from veil_routing.rules import leading_literal
+
+    assert leading_literal(pattern) == literal
+
+
+def test_case_insensitive_pattern_rule(routing_gateway: Gateway) -> None:
+    gw = routing_gateway(DEPS, {"rules": [{"pattern": "(?i)stack ?trace", "route": "large"}]})
+    assert chat(gw, "small", "here is my STACKTRACE")[0].model == "up-large"
+    assert chat(gw, "small", "a stack of traces")[0].model == "up-small"

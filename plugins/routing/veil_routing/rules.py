@@ -50,6 +50,9 @@ class CompiledRule:
     key_tags: frozenset[str]
     metadata: tuple[tuple[str, str], ...]
     text: tuple[re.Pattern[str], ...]
+    keywords: tuple[str, ...]
+    literal: str | None
+    literal_icase: bool
     route: str
     strategy: Strategy | None
 
@@ -74,6 +77,16 @@ class CompiledRule:
         if self.text:
             if text is None:
                 text = last_user_text(call.request)
+            # cheap prefilters: a keyword, and the pattern's leading literal, appear at all
+            if self.keywords:
+                lowered = text.lower()
+                if not any(k in lowered for k in self.keywords):
+                    return False
+            literal = self.literal
+            if literal is not None and literal not in (
+                text.lower() if self.literal_icase else text
+            ):
+                return False
             for pattern in self.text:
                 if pattern.search(text) is None:
                     return False
@@ -92,6 +105,28 @@ def _text_patterns(rule: RuleSettings) -> tuple[re.Pattern[str], ...]:
     return tuple(out)
 
 
+_LEADING_LITERAL = re.compile(r"^(\(\?i\))?(?:\\b)?([A-Za-z0-9 _:,;=<>@#%&'\"/-]{3,})")
+
+
+def leading_literal(pattern: str) -> tuple[str | None, bool]:
+    """A string every match of ``pattern`` must contain (its leading literal
+    characters), and whether to compare it case-insensitively; ``(None,
+    False)`` when no such string is certain (alternation, too short)."""
+    if "|" in pattern:
+        return None, False
+    m = _LEADING_LITERAL.match(pattern)
+    if m is None:
+        return None, False
+    literal = m.group(2)
+    nxt = pattern[m.end() : m.end() + 1]
+    if nxt and nxt in "*?{":
+        literal = literal[:-1]  # the last character is optional or repeated
+    if len(literal) < 3:
+        return None, False
+    icase = m.group(1) is not None
+    return (literal.lower() if icase else literal), icase
+
+
 def compile_rules(rules: Sequence[RuleSettings]) -> tuple[CompiledRule, ...]:
     """Compile the policy's rules, in order."""
     out = []
@@ -104,6 +139,9 @@ def compile_rules(rules: Sequence[RuleSettings]) -> tuple[CompiledRule, ...]:
                 key_tags=frozenset(r.key_tags),
                 metadata=tuple(sorted(r.metadata.items())),
                 text=_text_patterns(r),
+                keywords=tuple(k.lower() for k in r.keywords),
+                literal=leading_literal(r.pattern)[0] if r.pattern else None,
+                literal_icase=leading_literal(r.pattern)[1] if r.pattern else False,
                 route=r.route,
                 strategy=parse_strategy(r.strategy) if r.strategy else None,
             )

@@ -128,16 +128,6 @@ def _requested_output(request: dict[str, Any]) -> int:
     return 0
 
 
-def _text_chars(content: Any) -> int:
-    if type(content) is str:
-        return len(content)
-    if type(content) is list:
-        return sum(
-            len(p["text"]) for p in content if type(p) is dict and type(p.get("text")) is str
-        )
-    return 0
-
-
 def prompt_tokens(request: dict[str, Any], chars_per_token: float) -> int:
     """A cheap estimate of the prompt's tokens: characters of every message's
     text (and of the tool definitions) over ``chars_per_token``, plus 4 per
@@ -147,9 +137,18 @@ def prompt_tokens(request: dict[str, Any], chars_per_token: float) -> int:
     count = 0
     if type(messages) is list:
         for m in messages:
-            if type(m) is dict:
-                count += 1
-                chars += _text_chars(m.get("content"))
+            if type(m) is not dict:
+                continue
+            count += 1
+            content = m.get("content")
+            if type(content) is str:
+                chars += len(content)
+            elif type(content) is list:
+                for part in content:
+                    if type(part) is dict:
+                        text = part.get("text")
+                        if type(text) is str:
+                            chars += len(text)
     tools = request.get("tools")
     if type(tools) is list and tools:
         chars += len(repr(tools))
@@ -291,7 +290,7 @@ class RoutingStage:
         label = self.balancer.label
         reason = f"{reason}; deployment={label(first)}"
         call.route = RouteDecision(chain, budget, reason, on_attempt)
-        detail["deployments"] = [label(d) for d in chain]
+        detail["deployments"] = [label(first)] if len(chain) == 1 else [label(d) for d in chain]
         if budget is not None:
             detail["max_output_tokens"] = budget
         call.decide("routing", "routed", **detail)
