@@ -312,3 +312,11 @@ def test_case_insensitive_pattern_rule(routing_gateway: Gateway) -> None:
     gw = routing_gateway(DEPS, {"rules": [{"pattern": "(?i)stack ?trace", "route": "large"}]})
     assert chat(gw, "small", "here is my STACKTRACE")[0].model == "up-large"
     assert chat(gw, "small", "a stack of traces")[0].model == "up-small"
+
+
+def test_a_team_without_access_gets_a_404_not_a_capability_error(routing_gateway: Gateway) -> None:
+    gw = routing_gateway(DEPS, {"models": {"team-test-only": {"tools": False}}})
+    with pytest.raises(openai.NotFoundError):
+        chat(gw, "team-test-only", key=OTHER_KEY, tools=TOOLS)
+    with pytest.raises(openai.BadRequestError):
+        chat(gw, "team-test-only", key=TEST_KEY, tools=TOOLS)

@@ -313,8 +313,12 @@ class RoutingStage:
         chain: list[Deployment] = []
         why: set[str] = set()
         retry_in: list[float] = []
+        permitted = False  # some deployment of the route is open to the team
         for name in names:
             m = self.models[name]
+            if m.team_limited and not any(d.allows(team) for d in m.deployments):
+                continue
+            permitted = True
             if tools and not m.tools:
                 why.add("tools")
                 continue
@@ -324,7 +328,6 @@ class RoutingStage:
             usable: list[Deployment] = []
             for dep, window in zip(m.deployments, m.windows, strict=True):
                 if m.team_limited and not dep.allows(team):
-                    why.add("team")
                     continue
                 if chat and window is not None:
                     if need is None:
@@ -346,6 +349,8 @@ class RoutingStage:
         if chain:
             return chain
         call.decide("routing", "refused", target=requested, reasons=sorted(why))
+        if not permitted:  # nothing here for this team: as if the model did not exist
+            raise NotFound.model(requested)
         if "breaker" in why:
             wait = max(1, math.ceil(min(retry_in, default=1.0)))
             raise Unavailable(
@@ -370,7 +375,7 @@ class RoutingStage:
                 code="unsupported_capability",
                 param="tools" if "tools" in why else "response_format",
             )
-        raise NotFound.model(requested)
+        raise NotFound.model(requested)  # pragma: no cover - every skip records a reason
 
     def _pool(
         self, call: Call, name: str, strategy: Strategy | None, detail: dict[str, Any]
