@@ -20,8 +20,7 @@ __all__ = ["RoutingMetrics"]
 class RoutingMetrics:
     """``veil_routing_breaker_state{deployment}`` (0 closed, 1 half-open, 2 open),
     ``veil_routing_breaker_transitions_total{deployment, state}`` (the state
-    entered), ``veil_routing_decisions_total{kind}`` (static, alias, pool, rule)
-    and ``veil_routing_pool_choices_total{pool, model, strategy}``."""
+    entered) and ``veil_routing_pool_choices_total{pool, model, strategy}``."""
 
     _by_registry: dict[int, tuple[CollectorRegistry, RoutingMetrics]] = {}
     _lock = threading.Lock()

@@ -28,7 +28,7 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -43,10 +43,16 @@ from .rules import compile_rules, first_match, last_user_text
 from .settings import RoutingSettings
 from .strategy import Strategy, choose, parse_strategy
 
-if TYPE_CHECKING:
-    from .metrics import RoutingMetrics as _Metrics
-
-__all__ = ["FeedbackLike", "RouterLike", "RoutingStage", "TrackingRoutingStage", "make_stage"]
+__all__ = [
+    "FeedbackLike",
+    "RouterLike",
+    "RoutingStage",
+    "STRATEGY_HEADER",
+    "TrackingRoutingStage",
+    "feedback_key",
+    "make_stage",
+    "prompt_tokens",
+]
 
 log = structlog.get_logger("veil_routing")
 
@@ -170,7 +176,7 @@ class RoutingStage:
         self.pools = dict(settings.pools)
         self.router: RouterLike | None = None
         self.feedback: FeedbackLike | None = None
-        self.metrics: _Metrics | None = None
+        self.metrics: RoutingMetrics | None = None
         self.breakers: BreakerBoard | None = None
         self.balancer: Balancer | None = None
         self.models: dict[str, _Model] = {}
