@@ -320,3 +320,29 @@ def test_feedback_adjusts_later_choices_and_sees_errors() -> None:
     assert (cluster, model) == (0, "mixtral")
     assert fb.feedback(rid, 0.1)
     assert _model(_route(stage, "hello again")) == "gpt-4o"
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "é" * 50}, {"role": "user", "content": "x" * 3000}],
+        [{"role": "user", "content": [{"type": "text", "text": 'a\nb"c' * 40}]}] * 7,
+        [{"role": "user"}] * 30,
+    ],
+)
+def test_the_cheap_size_bound_is_never_below_the_estimate(messages: list[Any]) -> None:
+    import orjson
+    from veil_routing.stage import prompt_tokens
+
+    stage = _stage({})
+    body = {"model": "tiny", "messages": messages, "max_tokens": 10}
+    call = Call(
+        id="r",
+        kind="chat",
+        request=body,
+        principal=Principal("k", "test"),
+        policy=stage.policy,  # type: ignore[attr-defined]
+        headers={"content-length": str(len(orjson.dumps(body)))},
+    )
+    assert stage._size_bound(call) >= prompt_tokens(body, 4.0) + 10

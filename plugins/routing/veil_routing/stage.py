@@ -34,10 +34,10 @@ import structlog
 
 from veil.errors import BadRequest, NotFound, Unavailable, UpstreamError, UpstreamRejected
 from veil.policy.model import Policy
-from veil.types import Call, Deployment, RouteDecision
+from veil.types import Call, Decision, Deployment, RouteDecision
 
 from .balance import Balancer
-from .breaker import BreakerBoard
+from .breaker import Breaker, BreakerBoard
 from .metrics import RoutingMetrics
 from .rules import compile_rules, first_match, last_user_text
 from .settings import RoutingSettings
@@ -181,6 +181,8 @@ class RoutingStage:
         self.balancer: Balancer | None = None
         self.models: dict[str, _Model] = {}
         self._router_names: dict[str, str] = {}
+        self._reasons: dict[tuple[str, Deployment], str] = {}
+        self._breaker_of: dict[Deployment, Breaker] | None = None
         self._chars_per_token = settings.chars_per_token
         self._default_strategy = parse_strategy(settings.strategy)
         self._team_strategies = {t: parse_strategy(v) for t, v in settings.team_strategies.items()}
@@ -215,6 +217,9 @@ class RoutingStage:
                 cooldown_s=s.breaker.cooldown_s,
                 on_transition=metrics.transition,
             )
+        if self.breakers is not None:
+            board, label = self.breakers, self.balancer.label
+            self._breaker_of = {d: board.get(label(d)) for d in policy.deployments}
         for name, deps in policy.models.items():
             caps = s.models.get(name)
             self.models[name] = _Model(
@@ -275,7 +280,8 @@ class RoutingStage:
         detail: dict[str, Any] = {"target": target}
         if rule is not None:
             detail["rule"] = rule.label
-        if target in self.pools:
+        pooled = target in self.pools
+        if pooled:
             names, reason, budget, effort, on_attempt = self._pool(call, target, strategy, detail)
         elif target in self.aliases:
             names = self.aliases[target].order()
@@ -294,12 +300,19 @@ class RoutingStage:
         assert self.balancer is not None
         first = chain[0]
         label = self.balancer.label
-        reason = f"{reason}; deployment={label(first)}"
+        if pooled:
+            reason = f"{reason}; deployment={label(first)}"
+        else:  # static reasons repeat: build each once
+            key = (reason, first)
+            cached = self._reasons.get(key)
+            if cached is None:
+                cached = self._reasons[key] = f"{reason}; deployment={label(first)}"
+            reason = cached
         call.route = RouteDecision(chain, budget, reason, on_attempt)
         detail["deployments"] = [label(first)] if len(chain) == 1 else [label(d) for d in chain]
         if budget is not None:
             detail["max_output_tokens"] = budget
-        call.decide("routing", "routed", **detail)
+        call.decisions.append(Decision("routing", "routed", detail))
         if self._tracks:
             self.balancer.started(first)
             call.scratch["routing"] = first
@@ -314,8 +327,9 @@ class RoutingStage:
         tools = chat and _needs_tools(request)
         json_mode = chat and _needs_json(request)
         team = call.principal.team
-        breakers = self.breakers
+        breakers = self._breaker_of
         need: int | None = None
+        bound: int | None = None
         chain: list[Deployment] = []
         why: set[str] = set()
         retry_in: list[float] = []
@@ -336,16 +350,19 @@ class RoutingStage:
                 if m.team_limited and not dep.allows(team):
                     continue
                 if chat and window is not None:
-                    if need is None:
-                        need = prompt_tokens(request, self._chars_per_token) + _requested_output(
-                            request
-                        )
-                    if need > window:
-                        why.add("context")
-                        continue
+                    if bound is None:
+                        bound = self._size_bound(call)
+                    if bound > window:  # the cheap bound does not settle it: count
+                        if need is None:
+                            need = prompt_tokens(
+                                request, self._chars_per_token
+                            ) + _requested_output(request)
+                        if need > window:
+                            why.add("context")
+                            continue
                 if breakers is not None:
-                    b = breakers.get(self.balancer.label(dep))
-                    if not b.available():
+                    b = breakers[dep]
+                    if b.state != "closed" and not b.available():
                         why.add("breaker")
                         retry_in.append(b.retry_in())
                         continue
@@ -382,6 +399,27 @@ class RoutingStage:
                 param="tools" if "tools" in why else "response_format",
             )
         raise NotFound.model(requested)  # pragma: no cover - every skip records a reason
+
+    def _size_bound(self, call: Call) -> int:
+        """An upper bound of :func:`prompt_tokens` plus the requested output,
+        from the body's ``Content-Length``: a body of L bytes holds at most L
+        characters of text and (L + 1) / 3 messages (each at least ``{},``).
+        When the bound fits a context window, counting is not needed. Without
+        a usable length (or with tools, whose estimate is not bounded by their
+        JSON size) it is effectively infinite."""
+        request = call.request
+        raw = call.headers.get("content-length")
+        if raw is None or request.get("tools"):
+            return 1 << 62
+        try:
+            size = int(raw)
+        except ValueError:
+            return 1 << 62
+        return (
+            math.ceil(size / self._chars_per_token)
+            + 4 * (size // 3 + 1)
+            + _requested_output(request)
+        )
 
     def _pool(
         self, call: Call, name: str, strategy: Strategy | None, detail: dict[str, Any]
@@ -479,15 +517,20 @@ class RoutingStage:
         """The core's per-attempt report: breakers and latency averages."""
         balancer = self.balancer
         assert balancer is not None
+        breakers = self._breaker_of
         if error is None:
             balancer.observe_latency(dep, seconds)
-            if self.breakers is not None:
-                self.breakers.get(balancer.label(dep)).success()
+            if breakers is not None:
+                b = breakers.get(dep)
+                if b is not None and b.state != "closed":
+                    b.success()
         elif _counts(error):
             if error.code == "upstream_timeout":
                 balancer.observe_latency(dep, seconds)
-            if self.breakers is not None:
-                self.breakers.get(balancer.label(dep)).failure()
+            if breakers is not None:
+                b = breakers.get(dep)
+                if b is not None:
+                    b.failure()
 
 
 class TrackingRoutingStage(RoutingStage):
