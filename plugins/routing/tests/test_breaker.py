@@ -184,3 +184,28 @@ def test_a_request_error_does_not_count_against_the_deployment(routing_gateway: 
             with pytest.raises(openai.BadRequestError):
                 chat(gw, "only")
         assert bad.app.settings.stats["requests"] == 3
+
+
+def test_admin_route_shows_breakers_and_latency(routing_gateway: Gateway) -> None:
+    from veil.testing import ADMIN_KEY
+
+    with mock_server(fail_rate=1.0, fail_status=503) as bad, mock_server() as good:
+        gw = routing_gateway(
+            [http_dep("primary", bad.url), http_dep("backup", good.url)],
+            {
+                "aliases": {"chain": {"targets": ["primary", "backup"]}},
+                "breaker": {"failures": 1, "cooldown_s": 60},
+            },
+        )
+        chat(gw, "chain")
+        r = httpx.get(gw.url + "/admin/routing", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert r.status_code == 200
+        state = {d["deployment"]: d for d in r.json()["data"]}
+        assert state["primary"]["breaker"] == "open"
+        assert state["backup"]["breaker"] == "closed"
+        assert state["backup"]["latency_ewma_ms"] > 0
+        assert state["primary"]["latency_ewma_ms"] is None
+        denied = httpx.get(
+            gw.url + "/admin/routing", headers={"authorization": f"Bearer {TEST_KEY}"}
+        )
+        assert denied.status_code == 403

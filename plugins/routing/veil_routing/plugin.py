@@ -146,10 +146,13 @@ async def veil_shutdown(runtime: Runtime) -> None:
 
 @hookimpl
 def veil_register_routes(register: RouteRegistrar) -> None:
-    """``POST /v1/feedback`` (any API key; scores its own calls)."""
+    """``POST /v1/feedback`` (any API key; scores its own calls) and
+    ``GET /admin/routing`` (admin keys: breakers, latency averages, in flight)."""
+    from .admin_route import state_endpoint
     from .feedback_route import feedback_endpoint
 
     register("/v1/feedback", feedback_endpoint, methods=("POST",))
+    register("/admin/routing", state_endpoint, methods=("GET",), admin=True)
 
 
 @hookimpl
