@@ -5,8 +5,9 @@ This module holds the plugin's hook implementations (from
 :mod:`veil_routing.plugin`); the work is done in :mod:`veil_routing.stage`
 (the request-path stage), :mod:`veil_routing.rules` (static rules),
 :mod:`veil_routing.balance` (load balancing), :mod:`veil_routing.breaker`
-(circuit breakers), :mod:`veil_routing.strategy` (pool strategies) and
-:mod:`veil_routing.feedback_route` (``POST /v1/feedback``).
+(circuit breakers), :mod:`veil_routing.strategy` (pool strategies),
+:mod:`veil_routing.feedback_route` (``POST /v1/feedback``) and
+:mod:`veil_routing.admin_route` (``GET /admin/routing``).
 """
 
 from __future__ import annotations
