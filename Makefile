@@ -24,7 +24,8 @@ help:
 	@echo "make test   install test dependencies (Redis included) and run every test"
 	@echo "make bench  measure gateway overhead against a bare pass-through, and the pii"
 	@echo "            stage's added latency against plain Presidio, and the CPU the budget"
-	@echo "            and audit stages add to a call, and the cache stage's miss and hit paths"
+	@echo "            and audit stages add to a call, the cache stage's miss and hit paths,"
+	@echo "            the routing stage's CPU and the learned router's decision latency"
 	@echo "make lint   ruff check, format check, mypy --strict on the core and the plugins"
 
 $(PY):
@@ -91,6 +92,7 @@ bench: $(STAMP_TEST)
 	$(PY) -m bench.budget $(BENCH_BUDGET_ARGS)
 	$(PY) -m bench.audit $(BENCH_AUDIT_ARGS)
 	$(PY) -m bench.cache $(BENCH_CACHE_ARGS)
+	$(PY) -m bench.routing $(BENCH_ROUTING_ARGS)
 
 lint: $(STAMP_TEST)
 	$(VENV)/bin/ruff check .

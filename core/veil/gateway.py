@@ -104,7 +104,13 @@ class Gateway:
             audience=self.config.audience,
             guard=self.guard,
         )
-        runtime = Runtime.build(policy, self.metrics, self.config.extra_plugins)
+        runtime = Runtime.build(
+            policy,
+            self.metrics,
+            self.config.extra_plugins,
+            state_dir=self.config.state_dir,
+            policy_path=self.config.policy_path,
+        )
         await runtime.start()
         return runtime
 

@@ -18,6 +18,19 @@ __all__ = [
     "StageSpec",
 ]
 
+_CORE_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/embeddings", "/v1/models", "/healthz", "/readyz", "/metrics"}
+)
+"""Paths the core serves; a plugin may add other ``/v1/`` routes (``/v1/feedback``)."""
+_CORE_PREFIXES = (
+    "/v1/models/",
+    "/v1/chat/",
+    "/v1/embeddings/",
+    "/healthz/",
+    "/readyz/",
+    "/metrics/",
+)
+
 _STAGE_METHODS = ("on_request", "on_response", "wrap_stream", "on_error", "on_finish")
 
 
@@ -94,7 +107,9 @@ class RouteSpec:
 
 class RouteRegistrar:
     """The ``register`` passed to ``veil_register_routes``:
-    ``register(path, endpoint, methods=("GET",), admin=False)``."""
+    ``register(path, endpoint, methods=("GET",), admin=False)``. The core's own
+    paths (``/v1/chat/...``, ``/v1/embeddings``, ``/v1/models...``, ``/healthz``,
+    ``/readyz``, ``/metrics``) are refused; other ``/v1/`` paths are allowed."""
 
     def __init__(self) -> None:
         self.routes: list[RouteSpec] = []
@@ -109,7 +124,7 @@ class RouteRegistrar:
     ) -> None:
         if not path.startswith("/"):
             raise PluginError(self.plugin, f"route path {path!r} must start with '/'")
-        if path.startswith(("/v1/", "/healthz", "/readyz", "/metrics")):
+        if path in _CORE_PATHS or path.startswith(_CORE_PREFIXES):
             raise PluginError(self.plugin, f"route path {path!r} is reserved by the core")
         admin = admin or path.startswith(("/-/", "/admin/"))
         self.routes.append(RouteSpec(path, endpoint, tuple(methods), admin, self.plugin))

@@ -14,6 +14,7 @@ import inspect
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -34,7 +35,7 @@ from .pipeline import Pipeline
 from .plugins import PluginHost
 from .policy.model import Policy
 from .registry import ProviderRegistrar, RouteRegistrar, RouteSpec, StageRegistrar, StageSpec
-from .types import Call, CallKind, Chunk, Principal, RouteDecision, Usage
+from .types import Call, CallKind, Chunk, Deployment, Principal, RouteDecision, Usage
 
 __all__ = ["Runtime"]
 
@@ -54,8 +55,17 @@ class Runtime:
         providers: dict[str, Any],
         routes: list[tuple[Any, RouteSpec]],
         metrics: Metrics,
+        *,
+        state_dir: Path | None = None,
+        policy_path: Path | None = None,
     ) -> None:
         self.policy = policy
+        self.state_dir = state_dir
+        """The gateway's state directory (``--state-dir``), ``None`` when it keeps
+        no state on disk; plugins keep what must outlive a restart under it."""
+        self.policy_path = policy_path
+        """The policy file this runtime was loaded from (``None`` when built
+        from a policy that has none); files a policy names are relative to it."""
         self.host = host
         self.settings = settings
         self.pipeline = pipeline
@@ -76,9 +86,17 @@ class Runtime:
 
     @classmethod
     def build(
-        cls, policy: Policy, metrics: Metrics, extra_plugins: Mapping[str, Any] | None = None
+        cls,
+        policy: Policy,
+        metrics: Metrics,
+        extra_plugins: Mapping[str, Any] | None = None,
+        *,
+        state_dir: Path | None = None,
+        policy_path: Path | None = None,
     ) -> Runtime:
         """Load the policy's plugins and collect what they register.
+        ``state_dir`` and ``policy_path`` are handed to plugins as
+        ``runtime.state_dir`` and ``runtime.policy_path``.
 
         :raises PluginError: a plugin is missing, broken or misbehaves.
         :raises PolicyError: a plugin's section is invalid.
@@ -121,7 +139,17 @@ class Runtime:
                 except Exception as e:
                     raise PluginError(plugin, f"provider {dep.provider!r} failed: {e}") from e
         routes = [(compile_path(r.path)[0], r) for r in routes_reg.routes]
-        return cls(policy, host, settings, Pipeline(specs), providers, routes, metrics)
+        return cls(
+            policy,
+            host,
+            settings,
+            Pipeline(specs),
+            providers,
+            routes,
+            metrics,
+            state_dir=state_dir,
+            policy_path=policy_path,
+        )
 
     async def start(self) -> None:
         """Run every plugin's ``veil_startup``; on failure, close what started."""
@@ -334,8 +362,11 @@ class Runtime:
                     else:
                         result = await provider.embeddings(call, dep, body)
                 except UpstreamError as e:
-                    call.upstream_seconds += time.perf_counter() - t0
+                    spent = time.perf_counter() - t0
+                    call.upstream_seconds += spent
                     self.metrics.upstream_errors.labels(dep.name, e.code or "error").inc()
+                    if route.on_attempt is not None:
+                        _report_attempt(call, route, dep, spent, e)
                     last = e
                     if not e.retryable or attempt >= dep.max_retries:
                         break
@@ -344,7 +375,10 @@ class Runtime:
                         break
                     await asyncio.sleep(delay)
                     continue
-                call.upstream_seconds += time.perf_counter() - t0
+                spent = time.perf_counter() - t0
+                call.upstream_seconds += spent
+                if route.on_attempt is not None:
+                    _report_attempt(call, route, dep, spent, None)
                 call.deployment = dep
                 if len(route.deployments) > 1 or call.attempts > 1:
                     call.decide("core", "routed", deployment=dep.name, attempts=call.attempts)
@@ -375,6 +409,18 @@ class Runtime:
             if m:
                 return spec, m.groupdict()
         return None
+
+
+def _report_attempt(
+    call: Call, route: RouteDecision, dep: Deployment, spent: float, error: UpstreamError | None
+) -> None:
+    """Tell the route's ``on_attempt`` callback how an attempt went; a
+    callback that raises is logged and ignored (the call goes on)."""
+    assert route.on_attempt is not None
+    try:
+        route.on_attempt(dep, spent, error)
+    except Exception as e:
+        log.error("route_on_attempt_failed", request_id=call.id, error=type(e).__name__)
 
 
 def _settings(host: PluginHost, name: str, raw: Any) -> Any:

@@ -10,15 +10,16 @@ chunks are plain dicts (:data:`Chunk`) in OpenAI's
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from .errors import GatewayError
+    from .errors import GatewayError, UpstreamError
     from .policy.model import Policy
 
 __all__ = [
+    "AttemptCallback",
     "Call",
     "CallKind",
     "Chunk",
@@ -91,14 +92,29 @@ class Deployment:
         ) / 1_000_000
 
 
+AttemptCallback = Callable[["Deployment", float, "UpstreamError | None"], None]
+"""``on_attempt(deployment, seconds, error)``: see :class:`RouteDecision`."""
+
+
 @dataclass(slots=True)
 class RouteDecision:
     """Where a call goes: deployments to try in order (failover), an optional
-    cap on output tokens, and a short reason reported in ``x-veil-route``."""
+    cap on output tokens, and a short reason reported in ``x-veil-route``.
+
+    ``on_attempt``, when set (by a routing stage), is called by the core after
+    every upstream attempt of the call, on the event loop, with the deployment
+    tried, the seconds the attempt took and the :class:`~veil.errors.UpstreamError`
+    it failed with, or ``None`` when the upstream answered (for a stream: once
+    the upstream accepted it and the first chunks can flow; failures later in
+    a stream are not attempts, since a half-sent stream is never retried). It
+    must be cheap and must not raise: an exception it raises is logged and
+    ignored. Routing stages use it for circuit breakers and latency averages.
+    """
 
     deployments: list[Deployment]
     max_output_tokens: int | None = None
     reason: str = "policy"
+    on_attempt: AttemptCallback | None = None
 
 
 @dataclass(slots=True)
