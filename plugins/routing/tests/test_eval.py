@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _learned_support import PAIRS, POOL, PRICES
 from click.testing import CliRunner
-
-from _learned_support import PAIRS, POOL, PRICES  # noqa: I001
 from veil_routing import evaluate
 from veil_routing.learned import file_sha256
 from veil_routing.route_cli import EXIT_ARTIFACT, EXIT_DATA, EXIT_MISMATCH, route
@@ -82,7 +81,11 @@ def test_costs_come_from_rows_or_prices() -> None:
 
 
 def test_topic_folds_keep_a_subject_together() -> None:
-    rows = [{"id": f"mmlu/{s}/{i}", "prompt": f"{s} {i}", "scores": {}} for s in "abcdef" for i in range(5)]
+    rows = [
+        {"id": f"mmlu/{s}/{i}", "prompt": f"{s} {i}", "scores": {}}
+        for s in "abcdef"
+        for i in range(5)
+    ]
     folds = evaluate.folds_of(rows, 3, "topic")
     for s in "abcdef":
         assert len({f for r, f in zip(rows, folds, strict=True) if r["id"].split("/")[1] == s}) == 1
@@ -140,7 +143,9 @@ def test_eval_two_model_cross_validated_json_keys() -> None:
 
 
 def test_eval_human_output_shows_router_and_baselines() -> None:
-    res = CliRunner().invoke(route, ["eval", "--data", str(PAIRS), "--folds", "2", "--prices", str(PRICES)])
+    res = CliRunner().invoke(
+        route, ["eval", "--data", str(PAIRS), "--folds", "2", "--prices", str(PRICES)]
+    )
     assert res.exit_code == 0, res.output
     assert "APGR" in res.stdout and "oracle" in res.stdout and "dollar saving" in res.stdout
 
@@ -151,14 +156,18 @@ def test_eval_refuses_a_tampered_router(pool_artifact: tuple[Path, str], tmp_pat
     data = bytearray(out.read_bytes())
     data[-1] ^= 0xFF
     bad.write_bytes(bytes(data))
-    res = CliRunner().invoke(route, ["eval", "--data", str(POOL), "--router", str(bad), "--sha256", sha, "--json"])
+    res = CliRunner().invoke(
+        route, ["eval", "--data", str(POOL), "--router", str(bad), "--sha256", sha, "--json"]
+    )
     assert res.exit_code == EXIT_ARTIFACT
     assert json.loads(res.stdout)["ok"] is False
     assert "re-sign the policy" in res.stderr
 
 
 def test_eval_router_that_does_not_know_the_models(pool_artifact: tuple[Path, str]) -> None:
-    res = CliRunner().invoke(route, ["eval", "--data", str(PAIRS), "--router", str(pool_artifact[0])])
+    res = CliRunner().invoke(
+        route, ["eval", "--data", str(PAIRS), "--router", str(pool_artifact[0])]
+    )
     assert res.exit_code == EXIT_MISMATCH
     assert "retrain" in res.stderr
 
@@ -174,7 +183,10 @@ def test_eval_bad_data_exit_code_and_fix(tmp_path: Path) -> None:
 def test_eval_multi_model_without_costs_asks_for_prices(tmp_path: Path) -> None:
     rows = tmp_path / "rows.jsonl"
     rows.write_text(
-        "".join(json.dumps({"prompt": f"p{i}", "scores": {"a": i % 2, "b": 1, "c": 0}}) + "\n" for i in range(12))
+        "".join(
+            json.dumps({"prompt": f"p{i}", "scores": {"a": i % 2, "b": 1, "c": 0}}) + "\n"
+            for i in range(12)
+        )
     )
     res = CliRunner().invoke(route, ["eval", "--data", str(rows), "--folds", "2"])
     assert res.exit_code == EXIT_DATA
@@ -182,6 +194,8 @@ def test_eval_multi_model_without_costs_asks_for_prices(tmp_path: Path) -> None:
 
 
 def test_train_missing_file_exit_code(tmp_path: Path) -> None:
-    res = CliRunner().invoke(route, ["train", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x")])
+    res = CliRunner().invoke(
+        route, ["train", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x")]
+    )
     assert res.exit_code == EXIT_DATA
     assert "cannot read" in res.stderr

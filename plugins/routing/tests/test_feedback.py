@@ -6,8 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from _learned_support import DATA  # noqa: F401,I001  (sets the import path)
+from _learned_support import DATA  # noqa: F401  (sets the import path)
 from veil_routing.feedback import DB_NAME, FeedbackStore
 
 PRED = {"big": 0.9, "small": 0.8}

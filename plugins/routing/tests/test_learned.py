@@ -7,8 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from _learned_support import PAIRS, POOL  # noqa: I001  (sets the import path first)
+from _learned_support import PAIRS, POOL
 from veil_routing import learned
 from veil_routing.learned.data import read_jsonl
 
@@ -32,7 +31,7 @@ def test_predict_gives_every_model_a_probability(pairs_router: learned.QualityRo
     p = pairs_router.predict("What is 17 * 23? Show your work.")
     assert set(p) == {STRONG, WEAK}
     assert all(0.0 < v < 1.0 for v in p.values())
-    assert pairs_router.predict("") .keys() == p.keys()
+    assert pairs_router.predict("").keys() == p.keys()
 
 
 def test_router_learns_which_model_answers_which_kind_of_prompt() -> None:
@@ -45,7 +44,9 @@ def test_router_learns_which_model_answers_which_kind_of_prompt() -> None:
     p = router.predict("write a short poem about autumn leaves falling")
     assert m["mathbot"] > 0.6 > m["poet"]
     assert p["poet"] > 0.6 > p["mathbot"]
-    assert router.cluster("compute the integral of x^2 dx") != router.cluster("write a poem about leaves")
+    assert router.cluster("compute the integral of x^2 dx") != router.cluster(
+        "write a poem about leaves"
+    )
 
 
 def test_soft_scores_and_partly_scored_rows_train() -> None:
@@ -62,8 +63,14 @@ def test_soft_scores_and_partly_scored_rows_train() -> None:
 
 def test_output_tokens_come_from_the_rows_tokens(pairs_router: learned.QualityRouter) -> None:
     assert set(pairs_router.length_models) == {STRONG, WEAK}
-    gsm = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?"
-    essay = "Write a persuasive essay on the benefits of public libraries, with an introduction, three arguments and a conclusion."
+    gsm = (
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+        "clips in May. How many clips did Natalia sell altogether in April and May?"
+    )
+    essay = (
+        "Write a persuasive essay on the benefits of public libraries, with an introduction, "
+        "three arguments and a conclusion."
+    )
     short = pairs_router.predict_output_tokens(gsm)
     long = pairs_router.predict_output_tokens(essay)
     assert all(v >= 1 for v in short.values())
@@ -71,7 +78,9 @@ def test_output_tokens_come_from_the_rows_tokens(pairs_router: learned.QualityRo
 
 
 def test_models_without_length_data_get_the_default() -> None:
-    rows = [{"prompt": f"q{i} about topic {i % 3}", "scores": {"a": i % 2, "b": 1.0}} for i in range(30)]
+    rows = [
+        {"prompt": f"q{i} about topic {i % 3}", "scores": {"a": i % 2, "b": 1.0}} for i in range(30)
+    ]
     router = learned.train(rows)
     assert router.length_models == []
     assert router.predict_output_tokens("q1") == {"a": 256, "b": 256}
@@ -121,14 +130,21 @@ def test_swapped_artifact_is_refused(tmp_path: Path) -> None:
     rows = list(read_jsonl(POOL))
     first = learned.train(rows[:60])
     sha = first.save(tmp_path / "r.veilrouter")
-    learned.train(rows[40:]).save(tmp_path / "r.veilrouter")  # a valid router, but not the pinned one
+    learned.train(rows[40:]).save(
+        tmp_path / "r.veilrouter"
+    )  # a valid router, but not the pinned one
     with pytest.raises(learned.ArtifactError, match="changed or swapped"):
         learned.load(tmp_path / "r.veilrouter", sha)
 
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"not a router at all", b"VEILRTR\x01\xff\xff\x00\x00{", b"VEILRTR\x01\x02\x00\x00\x00{}"],
+    [
+        b"",
+        b"not a router at all",
+        b"VEILRTR\x01\xff\xff\x00\x00{",
+        b"VEILRTR\x01\x02\x00\x00\x00{}",
+    ],
 )
 def test_garbage_is_not_a_router(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "bad.veilrouter"
@@ -146,7 +162,9 @@ def test_damaged_arrays_are_refused(pairs_router: learned.QualityRouter, tmp_pat
         learned.load(path, None)
 
 
-def test_newer_format_version_says_to_retrain(pairs_router: learned.QualityRouter, tmp_path: Path) -> None:
+def test_newer_format_version_says_to_retrain(
+    pairs_router: learned.QualityRouter, tmp_path: Path
+) -> None:
     path = tmp_path / "r.veilrouter"
     pairs_router.save(path)
     data = path.read_bytes().replace(b'"version":1', b'"version":9', 1)

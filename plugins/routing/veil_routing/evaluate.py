@@ -77,7 +77,9 @@ def strong_share_for_quality(
     return float(hit[0] / len(s)) if len(hit) else None
 
 
-def pair_metrics(score: npt.ArrayLike, strong: npt.ArrayLike, weak: npt.ArrayLike) -> dict[str, Any]:
+def pair_metrics(
+    score: npt.ArrayLike, strong: npt.ArrayLike, weak: npt.ArrayLike
+) -> dict[str, Any]:
     """APGR, CPT(50%), CPT(80%) and the strong-call saving at 95% of strong quality."""
     share95 = strong_share_for_quality(score, strong, weak, 0.95)
     return {
@@ -131,8 +133,7 @@ def common_models(rows: Sequence[Row]) -> list[str]:
     models = [m for m in rows[0]["scores"] if m in shared]
     if len(models) < 2:
         raise DataError(
-            "evaluation needs at least two models scored on every row; "
-            f"only {models or 'none'} are"
+            f"evaluation needs at least two models scored on every row; only {models or 'none'} are"
         )
     return models
 
@@ -222,7 +223,7 @@ def cross_predict(
         held = np.nonzero(folds == f)[0]
         if not len(held):
             continue
-        part = [rows[i] for i in np.nonzero(folds != f)[0]]
+        part = [rows[int(i)] for i in np.nonzero(folds != f)[0]]
 
         def step(_label: str, frac: float, f: int = f) -> None:
             if progress:
@@ -233,7 +234,7 @@ def cross_predict(
         if missing:
             raise DataError(f"fold {f}: no training row scores {missing}; use fewer folds")
         cols = [router.models.index(m) for m in models]
-        pred[held] = router.predict_many([rows[i]["prompt"] for i in held])[:, cols]
+        pred[held] = router.predict_many([rows[int(i)]["prompt"] for i in held])[:, cols]
     return pred
 
 
@@ -274,7 +275,9 @@ def _pair_report(
             "apgr": 0.5,
             "cpt50": 0.5,
             "cpt80": 0.8,
-            "saving_at_95": round(1 - max(0.0, (0.95 * s.mean() - w.mean()) / (s.mean() - w.mean())), 4),
+            "saving_at_95": round(
+                1 - max(0.0, (0.95 * s.mean() - w.mean()) / (s.mean() - w.mean())), 4
+            ),
         },
         "oracle": pair_metrics(s - w, s, w),
         "always_strong": {"quality": round(float(s.mean()), 4), "strong_share": 1.0},
@@ -318,7 +321,10 @@ def _multi_report(
     out["best_model_cost"] = round(float(c_mean[best]), 8)
     out["best_model_quality"] = round(float(q_mean[best]), 4)
     out["baselines"] = {
-        "always_best": {"quality": round(float(q_mean[best]), 4), "cost": round(float(c_mean[best]), 8)},
+        "always_best": {
+            "quality": round(float(q_mean[best]), 4),
+            "cost": round(float(c_mean[best]), 8),
+        },
         "always_cheapest": {
             "model": models[cheap],
             "quality": round(float(q_mean[cheap]), 4),

@@ -99,7 +99,8 @@ class FeedbackStore:
         now = time.time()
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO choices (request_id, cluster, model, at) VALUES (?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO choices (request_id, cluster, model, at) "
+                "VALUES (?, ?, ?, ?)",
                 (request_id, int(cluster), model, now),
             )
             self._writes += 1
@@ -143,9 +144,7 @@ class FeedbackStore:
                 raise
             return True
 
-    def observe(
-        self, model: str, cluster: int, *, error: bool, latency_s: float | None
-    ) -> None:
+    def observe(self, model: str, cluster: int, *, error: bool, latency_s: float | None) -> None:
         """Count one upstream call of ``model`` for a prompt in ``cluster``:
         whether it failed (429, 5xx, timeout, connect error) and its latency."""
         with self._lock:
@@ -162,7 +161,8 @@ class FeedbackStore:
 
     def _save(self, cluster: int, model: str, st: _Stat) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO stats (cluster, model, scores, score_sum, calls, errors, latency_s) "
+            "INSERT OR REPLACE INTO stats "
+            "(cluster, model, scores, score_sum, calls, errors, latency_s) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (cluster, model, st.scores, st.score_sum, st.calls, st.errors, st.latency_s),
         )

@@ -76,7 +76,12 @@ def route() -> None:
     help="Where to write the router artifact (e.g. routers/pool.veilrouter).",
 )
 @click.option("--c", "c_value", type=float, default=None, help="Inverse L2 strength (default 0.5).")
-@click.option("--clusters", type=click.IntRange(1, 256), default=None, help="Prompt clusters for feedback (default 8).")
+@click.option(
+    "--clusters",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Prompt clusters for feedback (default 8).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def train(
     data_files: tuple[Path, ...],
@@ -93,7 +98,8 @@ def train(
     The sha256 goes into the policy ([routing.router] sha256 = "..."); a file
     whose sha256 differs is refused at load.
     """
-    from .learned import DataError, train as train_router
+    from .learned import DataError
+    from .learned import train as train_router
     from .learned.data import read_many
 
     try:
@@ -126,7 +132,9 @@ def train(
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(f"wrote {out} ({result['bytes']:,} bytes, {len(rows)} prompts, {len(router.models)} models)")
+    click.echo(
+        f"wrote {out} ({result['bytes']:,} bytes, {len(rows)} prompts, {len(router.models)} models)"
+    )
     click.echo(f"sha256 {sha}")
     click.echo('pin it in the policy: [routing.router] sha256 = "' + sha + '"')
 
@@ -149,16 +157,24 @@ def train(
     "--router",
     "router_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="A trained artifact. Without it: k-fold cross-validation (train on k-1 folds, score the rest).",
+    help="A trained artifact. Without it: k-fold cross-validation "
+    "(train on k-1 folds, score the rest).",
 )
 @click.option("--sha256", help="Refuse the --router artifact unless its sha256 is this.")
-@click.option("--folds", type=click.IntRange(2, 20), default=5, show_default=True, help="Folds without --router.")
+@click.option(
+    "--folds",
+    type=click.IntRange(2, 20),
+    default=5,
+    show_default=True,
+    help="Folds without --router.",
+)
 @click.option(
     "--group",
     type=click.Choice(["question", "topic"]),
     default="question",
     show_default=True,
-    help="Cross-validation grouping: unseen questions, or unseen topics (MMLU subject, benchmark bucket).",
+    help="Cross-validation grouping: unseen questions, or unseen topics "
+    "(MMLU subject, benchmark bucket).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_(
@@ -204,7 +220,8 @@ def eval_(
             if unknown:
                 _fail(
                     f"the router was trained on {router.models} and does not know {unknown}: "
-                    "retrain it on data that scores those models, or evaluate on rows of its models",
+                    "retrain it on data that scores those models, "
+                    "or evaluate on rows of its models",
                     EXIT_MISMATCH,
                     as_json,
                 )
@@ -216,7 +233,7 @@ def eval_(
                 if i % 100 == 0:
                     bar(i / len(rows))
             bar.close()
-            how = {"router": str(router_path), "sha256": router.sha256}
+            how: dict[str, Any] = {"router": str(router_path), "sha256": router.sha256}
         else:
             bar = _Bar(f"{folds}-fold cross-validation on {len(rows)} prompts")
             pred = evaluate.cross_predict(rows, models, k=folds, group=group, progress=bar)
@@ -238,12 +255,18 @@ def _fmt(v: Any, pct: bool = False) -> str:
 
 
 def _print_human(r: dict[str, Any]) -> None:
-    src = r["router"] or "cross-validated ({folds} folds by {group})".format(**r["cross_validation"])
+    src = r["router"] or "cross-validated ({folds} folds by {group})".format(
+        **r["cross_validation"]
+    )
     click.echo(f"{r['rows']} prompts, models: {', '.join(r['models'])}; router: {src}")
     if r["kind"] == "two-model":
         click.echo(f"strong {r['strong']}, weak {r['weak']}")
         click.echo(f"{'':16}{'APGR':>8}{'CPT(50%)':>10}{'CPT(80%)':>10}{'saved@95%':>11}")
-        lines = [("router", r), ("random", r["baselines"]["random"]), ("oracle", r["baselines"]["oracle"])]
+        lines = [
+            ("router", r),
+            ("random", r["baselines"]["random"]),
+            ("oracle", r["baselines"]["oracle"]),
+        ]
         lines += [(f"  {b}", m) for b, m in r.get("by_benchmark", {}).items()]
         for name, m in lines:
             click.echo(
@@ -251,20 +274,29 @@ def _print_human(r: dict[str, Any]) -> None:
                 f"{_fmt(m['cpt80'], True):>10}{_fmt(m['saving_at_95'], True):>11}"
             )
         b = r["baselines"]
-        click.echo(f"always strong: quality {b['always_strong']['quality']}; always weak: {b['always_weak']['quality']}")
+        click.echo(
+            f"always strong: quality {b['always_strong']['quality']}; "
+            f"always weak: {b['always_weak']['quality']}"
+        )
         if "cost_saving_at_95" in r:
-            click.echo(f"dollar saving at 95% of strong quality: {_fmt(r['cost_saving_at_95'], True)}")
+            click.echo(
+                f"dollar saving at 95% of strong quality: {_fmt(r['cost_saving_at_95'], True)}"
+            )
         return
     b = r["baselines"]
-    click.echo(f"best single model {r['best_model']}: quality {r['best_model_quality']}, ${r['best_model_cost']:.6f}/query")
+    click.echo(
+        f"best single model {r['best_model']}: quality {r['best_model_quality']}, "
+        f"${r['best_model_cost']:.6f}/query"
+    )
     for name, m in (("router", r), ("oracle", b["oracle"])):
         click.echo(
             f"{name:8} 95% quality at {_fmt(m['cost_ratio_at_95'], True)} of its cost, "
             f"100% at {_fmt(m['cost_ratio_at_100'], True)}"
         )
     click.echo(
-        f"always cheapest ({b['always_cheapest']['model']}): quality {b['always_cheapest']['quality']}, "
-        f"${b['always_cheapest']['cost']:.6f}; random: quality {b['random']['quality']}, ${b['random']['cost']:.6f}"
+        f"always cheapest ({b['always_cheapest']['model']}): "
+        f"quality {b['always_cheapest']['quality']}, ${b['always_cheapest']['cost']:.6f}; "
+        f"random: quality {b['random']['quality']}, ${b['random']['cost']:.6f}"
     )
 
 

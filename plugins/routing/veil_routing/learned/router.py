@@ -102,7 +102,7 @@ class QualityRouter:
 
     def _logits(self, prompt: str) -> F32:
         pos, x = self.features(prompt)
-        return x @ self._coef[pos] + self._intercept  # type: ignore[no-any-return]
+        return x @ self._coef[pos] + self._intercept
 
     def predict(self, prompt: str) -> dict[str, float]:
         """Predicted quality in 0..1 (probability of a correct or good answer)

@@ -44,7 +44,7 @@ def _no_progress(label: str, fraction: float) -> None:
 def _design(
     counts: list[dict[int, int]], min_df: int
 ) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.float32], Any]:
-    from scipy.sparse import csr_matrix
+    from scipy.sparse import csr_matrix  # type: ignore[import-untyped]
 
     df: Counter[int] = Counter()
     for c in counts:
@@ -52,9 +52,7 @@ def _design(
     kept = sorted(k for k, n in df.items() if n >= min_df) or sorted(df)
     ids = np.asarray(kept, dtype=np.uint32)
     n = len(counts)
-    idf = np.asarray(
-        [math.log((1 + n) / (1 + df[k])) + 1.0 for k in kept], dtype=np.float32
-    )
+    idf = np.asarray([math.log((1 + n) / (1 + df[k])) + 1.0 for k in kept], dtype=np.float32)
     index = {k: i for i, k in enumerate(kept)}
     indptr, cols, vals = [0], [], []
     for c in counts:
@@ -79,7 +77,7 @@ def _fit_quality(
     x: Any, y: npt.NDArray[np.float64], c_value: float
 ) -> tuple[npt.NDArray[np.float64], float]:
     from scipy.sparse import vstack
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
 
     mean = float(y.mean())
     if y.min() == y.max():
@@ -183,9 +181,7 @@ def _fit_lengths(
     seen: list[float] = []
     for m in models:
         idx = [
-            i
-            for i, r in enumerate(data)
-            if isinstance(r.get("tokens"), dict) and m in r["tokens"]
+            i for i, r in enumerate(data) if isinstance(r.get("tokens"), dict) and m in r["tokens"]
         ]
         if len(idx) < MIN_LENGTH_ROWS:
             continue
@@ -198,16 +194,14 @@ def _fit_lengths(
     return names, cols, intercepts, seen
 
 
-def _clusters(
-    probs: npt.NDArray[np.float64], k: int, seed: int
-) -> npt.NDArray[np.float32]:
-    from sklearn.cluster import KMeans
+def _clusters(probs: npt.NDArray[np.float64], k: int, seed: int) -> npt.NDArray[np.float32]:
+    from sklearn.cluster import KMeans  # type: ignore[import-untyped]
 
     distinct = len(np.unique(np.round(probs, 6), axis=0))
     k = max(1, min(k, distinct))
     if k == 1:
-        return probs.mean(axis=0, keepdims=True).astype(np.float32)
+        return np.asarray(probs.mean(axis=0, keepdims=True), dtype=np.float32)
     km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(probs)
-    centers = km.cluster_centers_
+    centers: npt.NDArray[np.float64] = np.asarray(km.cluster_centers_, dtype=np.float64)
     order = np.lexsort(centers.T[::-1])  # stable ids: sorted centres
     return np.asarray(centers[order], dtype=np.float32)
