@@ -90,6 +90,7 @@ bench: $(STAMP_TEST)
 	$(PY) -m bench.pii $(BENCH_PII_ARGS)
 	$(PY) -m bench.budget $(BENCH_BUDGET_ARGS)
 	$(PY) -m bench.audit $(BENCH_AUDIT_ARGS)
+	$(PY) -m bench.routing_learned $(BENCH_ROUTING_LEARNED_ARGS)
 
 lint: $(STAMP_TEST)
 	$(VENV)/bin/ruff check .

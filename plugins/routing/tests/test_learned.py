@@ -226,3 +226,21 @@ def test_predict_is_thread_safe(pairs_router: learned.QualityRouter) -> None:
     for t in threads:
         t.join()
     assert all(results[k] == expected for k in range(4))
+
+
+def test_the_shipped_router_matches_its_pin_and_routes_maths_to_gpt4() -> None:
+    from veil_routing.learned import pretrained
+
+    assert learned.file_sha256(pretrained.GPT4_MIXTRAL) == pretrained.GPT4_MIXTRAL_SHA256
+    assert pretrained.GPT4_MIXTRAL.stat().st_size < 1_000_000
+    router = learned.load(pretrained.GPT4_MIXTRAL, pretrained.GPT4_MIXTRAL_SHA256)
+    assert tuple(router.models) == pretrained.GPT4_MIXTRAL_MODELS
+    maths = (
+        "A bakery sells 3 cakes for $14 and 5 pies for $22. Mia buys 6 cakes and 10 pies, "
+        "pays with $100 and gets a 10% discount on the total. How much change does she get?"
+    )
+    trivia = "Which of these is a primary colour?\nA. Green\nB. Red\nC. Purple\nD. Orange\nAnswer:"
+    gap = {p: router.predict(p)[STRONG] - router.predict(p)[WEAK] for p in (maths, trivia)}
+    assert gap[maths] > gap[trivia]
+    essay = "Write a travel blog post about a recent trip to Hawaii, with cultural experiences."
+    assert router.predict_output_tokens(essay)[STRONG] > router.predict_output_tokens(maths)[STRONG]

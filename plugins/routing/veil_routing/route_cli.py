@@ -82,12 +82,26 @@ def route() -> None:
     default=None,
     help="Prompt clusters for feedback (default 8).",
 )
+@click.option(
+    "--bits",
+    type=click.IntRange(10, 24),
+    default=None,
+    help="log2 of the hash buckets (default 16); fewer make a smaller artifact.",
+)
+@click.option(
+    "--min-df",
+    type=click.IntRange(1, 1000),
+    default=None,
+    help="Keep features seen in at least this many prompts (default 5); more: smaller.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def train(
     data_files: tuple[Path, ...],
     out: Path,
     c_value: float | None,
     clusters: int | None,
+    bits: int | None,
+    min_df: int | None,
     as_json: bool,
 ) -> None:
     """Train a router artifact from scored prompts and print its sha256.
@@ -111,6 +125,10 @@ def train(
         options["C"] = c_value
     if clusters is not None:
         options["n_clusters"] = clusters
+    if bits is not None:
+        options["n_bits"] = bits
+    if min_df is not None:
+        options["min_df"] = min_df
     bar = _Bar(f"training on {len(rows)} prompts")
     try:
         router = train_router(rows, progress=lambda _label, frac: bar(frac), **options)

@@ -147,7 +147,7 @@ class QualityRouter:
             meta,
             {
                 "feature_ids": self._ids,
-                "idf": self._idf.astype(np.float32),
+                "idf": self._idf.astype(np.float16),
                 "coef": self._coef.astype(np.float16),
                 "intercept": self._intercept.astype(np.float32),
                 "length_coef": self._len_coef.astype(np.float16),

@@ -28,8 +28,8 @@ Progress = Callable[[str, float], None]
 
 DEFAULTS: dict[str, Any] = {
     "C": 0.5,  # inverse L2 strength of the quality models (chosen by grouped CV, see docs)
-    "n_bits": 18,  # 2**18 hash buckets
-    "min_df": 2,  # a bucket must occur in this many prompts to get a weight
+    "n_bits": 16,  # 2**16 hash buckets (18 measured no better, twice the size)
+    "min_df": 5,  # a bucket must occur in this many prompts to get a weight
     "n_clusters": 8,
     "ridge_alpha": 1.0,
     "seed": 0,
