@@ -9,6 +9,7 @@ features: no network, no threads, read-only state (thread-safe).
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import artifact
-from ._features import hashed_counts
+from ._features import hashed_ids
 from .errors import ArtifactError
 
 F32 = npt.NDArray[np.float32]
@@ -58,6 +59,8 @@ class QualityRouter:
         self.meta: dict[str, Any] = dict(meta or {})
         self.sha256: str | None = None
         self._check()
+        # predict, cluster and predict_output_tokens of one prompt share one analysis
+        self._analysis = functools.lru_cache(maxsize=256)(self._analyse)
 
     def _check(self) -> None:
         n_f, n_m, n_l = len(self._ids), len(self.models), len(self.length_models)
@@ -85,11 +88,9 @@ class QualityRouter:
 
     def features(self, prompt: str) -> tuple[npt.NDArray[np.intp], F32]:
         """Row indices into the weight tables and their L2-normalised TF-IDF values."""
-        counts = hashed_counts(prompt, self.n_bits)
-        if not counts:
-            return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.float32)
-        keys = np.fromiter(counts.keys(), dtype=np.uint32, count=len(counts))
-        tf = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+        ids = hashed_ids(prompt, self.n_bits)
+        keys, counts = np.unique(np.asarray(ids, dtype=np.uint32), return_counts=True)
+        tf = counts.astype(np.float32)
         pos = np.searchsorted(self._ids, keys)
         pos[pos >= len(self._ids)] = 0
         known = self._ids[pos] == keys if len(self._ids) else np.zeros(len(keys), bool)
@@ -100,21 +101,24 @@ class QualityRouter:
             x /= norm
         return pos, x.astype(np.float32, copy=False)
 
-    def _logits(self, prompt: str) -> F32:
+    def _analyse(self, prompt: str) -> tuple[npt.NDArray[np.intp], F32, F32]:
         pos, x = self.features(prompt)
-        return x @ self._coef[pos] + self._intercept
+        probs: F32 = 1.0 / (1.0 + np.exp(-(x @ self._coef[pos] + self._intercept)))
+        for a in (pos, x, probs):
+            a.setflags(write=False)  # shared through the cache
+        return pos, x, probs
 
     def predict(self, prompt: str) -> dict[str, float]:
         """Predicted quality in 0..1 (probability of a correct or good answer)
         for every model in :attr:`models`."""
-        p = 1.0 / (1.0 + np.exp(-self._logits(prompt)))
+        p = self._analysis(prompt)[2]
         return {m: float(v) for m, v in zip(self.models, p, strict=True)}
 
     def predict_many(self, prompts: list[str]) -> npt.NDArray[np.float64]:
         """Predicted quality for many prompts: an array (len(prompts), len(models))."""
         out = np.empty((len(prompts), len(self.models)))
         for i, p in enumerate(prompts):
-            out[i] = 1.0 / (1.0 + np.exp(-self._logits(p)))
+            out[i] = self._analyse(p)[2]
         return out
 
     def predict_output_tokens(self, prompt: str) -> dict[str, int]:
@@ -122,7 +126,7 @@ class QualityRouter:
         had no ``tokens`` for get the median length seen in training (or 256)."""
         out = dict.fromkeys(self.models, self.default_tokens)
         if self.length_models:
-            pos, x = self.features(prompt)
+            pos, x, _ = self._analysis(prompt)
             log_len = x @ self._len_coef[pos] + self._len_intercept
             for m, v in zip(self.length_models, log_len, strict=True):
                 out[m] = max(1, round(math.expm1(min(float(v), 12.0))))
@@ -131,7 +135,7 @@ class QualityRouter:
     def cluster(self, prompt: str) -> int:
         """The prompt's cluster id, 0..n_clusters-1: the nearest k-means centre
         to its predicted-quality vector."""
-        p = 1.0 / (1.0 + np.exp(-self._logits(prompt)))
+        p = self._analysis(prompt)[2]
         return int(np.argmin(((self._centers - p) ** 2).sum(axis=1)))
 
     def save(self, path: str | Path) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 GPT4_MIXTRAL = Path(__file__).with_name("gpt4-mixtral.veilrouter")
-GPT4_MIXTRAL_SHA256 = "2d131818016f3065277ca48887ce85e4ea54a586b541bd825be17413fc76912d"
+GPT4_MIXTRAL_SHA256 = "fafcb7d54682c78326d1830391f0659f4643b1ca30095bac6fc969aa6d8ced94"
 GPT4_MIXTRAL_MODELS = ("gpt-4-1106-preview", "mistralai/Mixtral-8x7B-Instruct-v0.1")
 
 __all__ = ["GPT4_MIXTRAL", "GPT4_MIXTRAL_MODELS", "GPT4_MIXTRAL_SHA256"]
