@@ -60,7 +60,7 @@ class QualityRouter:
         self.sha256: str | None = None
         self._check()
         # predict, cluster and predict_output_tokens of one prompt share one analysis
-        self._analysis = functools.lru_cache(maxsize=256)(self._analyse)
+        self._analysis = functools.lru_cache(maxsize=32)(self._analyse)
 
     def _check(self) -> None:
         n_f, n_m, n_l = len(self._ids), len(self.models), len(self.length_models)
