@@ -93,6 +93,7 @@ bench: $(STAMP_TEST)
 	$(PY) -m bench.audit $(BENCH_AUDIT_ARGS)
 	$(PY) -m bench.cache $(BENCH_CACHE_ARGS)
 	$(PY) -m bench.routing $(BENCH_ROUTING_ARGS)
+	$(PY) -m bench.routing_learned $(BENCH_ROUTING_LEARNED_ARGS)
 
 lint: $(STAMP_TEST)
 	$(VENV)/bin/ruff check .
