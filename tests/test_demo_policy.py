@@ -35,10 +35,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[GatewayProcess, Path
 
 
 def test_the_demo_policy_serves_through_every_plugin_it_names(
-    demo: tuple[GatewayProcess, Path, str],
+    demo: tuple[GatewayProcess, Path, str], request: pytest.FixtureRequest
 ) -> None:
     gw, state_dir, hmac_key = demo
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=DEMO_KEY, max_retries=0)
+    request.addfinalizer(client.close)
     raw = client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini",
         messages=[{"role": "user", "content": "Write to jane.doe@example.com about the demo."}],
@@ -62,6 +63,16 @@ def test_the_demo_policy_serves_through_every_plugin_it_names(
             messages=[{"role": "user", "content": "My card is 4111 1111 1111 1111."}],
         )
     assert refused.value.code == "pii_blocked"
+    routed = client.chat.completions.with_raw_response.create(  # routing: a keyword rule
+        model="fast", messages=[{"role": "user", "content": "Where is my invoice?"}]
+    )
+    assert routed.headers["x-veil-route"] and routed.parse().model == "mock-large"
+    question = {"model": "gpt-4o-mini", "temperature": 0}
+    ask = [{"role": "user", "content": "What does veil do?"}]
+    first = client.chat.completions.with_raw_response.create(messages=ask, **question)
+    again = client.chat.completions.with_raw_response.create(messages=ask, **question)
+    assert (first.headers["x-veil-cache"], again.headers["x-veil-cache"]) == ("miss", "hit")
+    assert again.parse().choices[0].message.content == first.parse().choices[0].message.content
 
     from veil_audit.files import chain_files
     from veil_audit.verify import verify
@@ -69,4 +80,4 @@ def test_the_demo_policy_serves_through_every_plugin_it_names(
     files = chain_files(state_dir / "audit")
     verdict = verify(files, hmac_key.encode())
     assert verdict.ok, verdict.problem
-    assert verdict.records >= 4  # audit_opened and a record for each of the three calls
+    assert verdict.records >= 7  # audit_opened and a record for each of the six calls

@@ -3,7 +3,7 @@
 Exit codes: 0 success; 2 usage error (click); 3 unusable data (unreadable
 file, bad row, too few rows); 4 router artifact refused (unreadable, damaged,
 or its SHA-256 differs from ``--sha256``); 5 the router does not know a model
-the data scores.
+the data scores; 6 ``train`` without scikit-learn (``veil-routing[train]``).
 """
 
 from __future__ import annotations
