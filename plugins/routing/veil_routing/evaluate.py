@@ -31,6 +31,27 @@ import numpy.typing as npt
 from .learned.data import Row
 from .learned.errors import DataError
 
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "Matrix",
+    "Predictor",
+    "apgr",
+    "cheapest_reaching",
+    "common_models",
+    "cost_matrix",
+    "cpt",
+    "cross_predict",
+    "folds_of",
+    "load_prices",
+    "multi_metrics",
+    "operating_points",
+    "pair_metrics",
+    "pgr_curve",
+    "report",
+    "strong_share_for_quality",
+    "topic_of",
+]
+
 Matrix = npt.NDArray[np.float64]
 Predictor = Callable[[list[str]], Matrix]
 """Maps prompts to predicted quality, shape (len(prompts), len(models))."""

@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+__all__ = ["DB_NAME", "FeedbackStore"]
+
 DB_NAME = "routing-feedback.sqlite3"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS choices (

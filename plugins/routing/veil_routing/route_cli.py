@@ -15,6 +15,8 @@ from typing import Any, NoReturn
 
 import click
 
+__all__ = ["EXIT_ARTIFACT", "EXIT_DATA", "EXIT_MISMATCH", "EXIT_SETUP", "eval_", "route", "train"]
+
 EXIT_DATA = 3
 EXIT_ARTIFACT = 4
 EXIT_MISMATCH = 5
