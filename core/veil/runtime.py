@@ -255,6 +255,17 @@ class Runtime:
         """Record ``error`` on the call and run every stage's ``on_error``."""
         if call.error is None:
             call.error = error
+            dep, route = call.deployment, call.route
+            if (
+                isinstance(error, UpstreamError)
+                and dep is not None
+                and error.deployment == dep.name
+                and route is not None
+                and route.on_attempt is not None
+            ):
+                # the deployment answered, then failed (a stream that broke half-way):
+                # the attempt it was reported as is a failure after all
+                _report_attempt(call, route, dep, time.perf_counter() - call.started, error)
             await self.pipeline.run_error(call, error)
             if self.pipeline.finish:
                 await self.pipeline.run_finish(call, failed=True)

@@ -105,10 +105,12 @@ class RouteDecision:
     every upstream attempt of the call, on the event loop, with the deployment
     tried, the seconds the attempt took and the :class:`~veil.errors.UpstreamError`
     it failed with, or ``None`` when the upstream answered (for a stream: once
-    the upstream accepted it and the first chunks can flow; failures later in
-    a stream are not attempts, since a half-sent stream is never retried). It
-    must be cheap and must not raise: an exception it raises is logged and
-    ignored. Routing stages use it for circuit breakers and latency averages.
+    the upstream accepted it and the first chunks can flow). When the chosen
+    deployment fails after that (a stream that breaks half-way, which is never
+    retried), it is called once more for that attempt, with the error and the
+    seconds since the call started. It must be cheap and must not raise: an
+    exception it raises is logged and ignored. Routing stages use it for
+    circuit breakers and latency averages.
     """
 
     deployments: list[Deployment]

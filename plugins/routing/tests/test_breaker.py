@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 import structlog
-from routingtest import chat, http_dep, metric_value, mock_server
+from routingtest import HalfStream, chat, client, http_dep, metric_value, mock_server
 from veil_routing.breaker import Breaker
 
 from veil.testing import TEST_KEY, ServerThread
@@ -156,6 +156,35 @@ def test_breaker_in_the_gateway(routing_gateway: Gateway) -> None:
         transitions = "veil_routing_breaker_transitions_total"
         for new in ("open", "half_open", "closed"):
             assert metric_value(gw, transitions, deployment="primary", state=new) == 1
+
+
+def test_streams_that_break_half_way_open_the_breaker(routing_gateway: Gateway) -> None:
+    # a deployment that accepts streams and then breaks them is failing, even
+    # though each attempt looked fine when the first chunk arrived
+    half = HalfStream()
+    with ServerThread(half) as broken, mock_server() as good:
+        gw = routing_gateway(
+            [http_dep("primary", broken.url), http_dep("backup", good.url)],
+            {
+                "aliases": {"chain": {"targets": ["primary", "backup"]}},
+                "breaker": {"failures": 2, "window_s": 60, "cooldown_s": 60},
+            },
+        )
+
+        def stream() -> str:
+            parts = client(gw).chat.completions.create(
+                model="chain", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            return "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+
+        for _ in range(2):
+            with pytest.raises(openai.APIError):
+                stream()  # half-sent: never retried elsewhere
+        assert half.requests == 2
+        assert metric_value(gw, "veil_routing_breaker_state", deployment="primary") == 2
+        assert stream()  # the open breaker sends it to the backup at once
+        assert half.requests == 2
+        assert good.app.settings.stats["requests"] == 1
 
 
 def test_all_breakers_open_is_a_503_with_retry_after(routing_gateway: Gateway) -> None:
