@@ -5,15 +5,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import structlog
-from routingtest import HalfStream, chat, client, http_dep, metric_value, mock_server
-from veil_routing.breaker import Breaker
+import veil_routing
+from routingtest import (
+    HalfStream,
+    Recorder,
+    chat,
+    client,
+    http_dep,
+    metric_value,
+    mock_server,
+    routing_policy,
+)
+from veil_routing.breaker import Breaker, BreakerBoard
 
-from veil.testing import TEST_KEY, ServerThread
+from veil.testing import TEST_KEY, PolicyKit, ServerThread
 
 Gateway = Callable[..., ServerThread]
 
@@ -185,6 +196,57 @@ def test_streams_that_break_half_way_open_the_breaker(routing_gateway: Gateway) 
         assert stream()  # the open breaker sends it to the backup at once
         assert half.requests == 2
         assert good.app.settings.stats["requests"] == 1
+
+
+def test_a_board_hands_on_breakers_of_unchanged_deployments_only() -> None:
+    carried: dict[object, Breaker] = {}
+
+    def board(cooldown_s: float = 5) -> BreakerBoard:
+        return BreakerBoard(
+            failures=1, window_s=10, cooldown_s=cooldown_s, on_transition=lambda *t: None,
+            carried=carried,
+        )  # fmt: skip
+
+    first = board()
+    first.get("a", ("a", "http://a")).failure()
+    first.get("b", ("b", "http://b"))
+    second = board()
+    assert second.get("a", ("a", "http://a")).state == "open"  # the same upstream
+    assert second.get("b", ("b", "http://b2")).state == "closed"  # moved: a new breaker
+    second.forget_others()
+    assert len(carried) == 2
+    assert board(cooldown_s=9).get("a", ("a", "http://a")).state == "closed"  # new settings
+
+
+def test_an_open_breaker_survives_a_policy_reload(
+    policy_kit: PolicyKit, start_gateway: Callable[..., ServerThread], recorder: Recorder
+) -> None:
+    with mock_server(fail_rate=1.0, fail_status=503) as bad, mock_server() as good:
+        routing = {
+            "aliases": {"chain": {"targets": ["primary", "backup"]}},
+            "breaker": {"failures": 1, "window_s": 60, "cooldown_s": 60},
+        }
+
+        def write(version: int, primary_url: str) -> Path:
+            deps = [http_dep("primary", primary_url), http_dep("backup", good.url)]
+            return policy_kit.write(routing_policy(deps, routing, version=version), "reload.toml")
+
+        path = write(1, bad.url)
+        gw = start_gateway(
+            path, plugins={"routing": veil_routing, "recorder": recorder}, watch_interval=0
+        )
+        chat(gw, "chain")  # the primary fails once: its breaker opens
+        assert bad.app.settings.stats["requests"] == 1
+        write(2, bad.url)  # a new policy, the primary unchanged
+        assert gw.call(gw.gateway.reload()) is True
+        assert chat(gw, "chain")[1]["x-veil-model"] == "backup"
+        assert bad.app.settings.stats["requests"] == 1  # still skipped
+        assert metric_value(gw, "veil_routing_breaker_state", deployment="primary") == 2
+        with mock_server() as moved:
+            write(3, moved.url)  # the primary now points elsewhere: a fresh breaker
+            assert gw.call(gw.gateway.reload()) is True
+            assert chat(gw, "chain")[1]["x-veil-model"] == "primary"
+            assert moved.app.settings.stats["requests"] == 1
 
 
 def test_all_breakers_open_is_a_503_with_retry_after(routing_gateway: Gateway) -> None:

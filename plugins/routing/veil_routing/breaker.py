@@ -10,13 +10,19 @@ earlier deployment of its route answered, is replaced after another cooldown).
 Each transition is logged (``routing_breaker``, with the deployment's name and
 both states) and counted in the metrics (:class:`~veil_routing.metrics.RoutingMetrics`).
 Everything runs on the event loop: no locks.
+
+A breaker outlives a policy reload: a :class:`BreakerBoard` given the
+gateway's ``carried`` memory hands a new policy the breaker of every
+deployment it kept unchanged (same settings, same breaker settings), so a
+deployment that is down stays skipped instead of taking traffic again after
+every reload.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import structlog
 
@@ -125,9 +131,13 @@ class Breaker:
 
 class BreakerBoard:
     """The breakers of a policy's deployments, by deployment name (created on
-    first use)."""
+    first use). With ``carried`` (a dict the gateway keeps across policy
+    loads), a deployment's breaker is looked up there by its ``identity``
+    (the deployment's settings) and these breaker settings before a new one
+    is made; :meth:`forget_others` drops what the current policy no longer
+    uses."""
 
-    __slots__ = ("_breakers", "_kw")
+    __slots__ = ("_breakers", "_carried", "_kw", "_used")
 
     def __init__(
         self,
@@ -137,6 +147,7 @@ class BreakerBoard:
         cooldown_s: float,
         on_transition: Transition,
         clock: Callable[[], float] = time.monotonic,
+        carried: dict[Hashable, Breaker] | None = None,
     ) -> None:
         self._kw = {
             "failures": failures,
@@ -146,13 +157,34 @@ class BreakerBoard:
             "clock": clock,
         }
         self._breakers: dict[str, Breaker] = {}
+        self._carried = carried
+        self._used: set[Hashable] = set()
 
-    def get(self, name: str) -> Breaker:
-        """The breaker of deployment ``name``."""
+    def get(self, name: str, identity: Hashable = None) -> Breaker:
+        """The breaker of deployment ``name``; ``identity`` (hashable, equal
+        for an unchanged deployment) finds it in the carried memory."""
         b = self._breakers.get(name)
         if b is None:
-            b = self._breakers[name] = Breaker(name, **self._kw)  # type: ignore[arg-type]
+            carried = self._carried
+            key = None
+            if carried is not None and identity is not None:
+                kw = self._kw
+                key = (identity, kw["failures"], kw["window_s"], kw["cooldown_s"])
+                b = carried.get(key)
+                self._used.add(key)
+            if b is None:
+                b = Breaker(name, **self._kw)  # type: ignore[arg-type]
+                if key is not None and carried is not None:
+                    carried[key] = b
+            self._breakers[name] = b
         return b
+
+    def forget_others(self) -> None:
+        """Drop from the carried memory every breaker this board did not use."""
+        carried = self._carried
+        if carried is not None:
+            for key in [k for k in carried if k not in self._used]:
+                del carried[key]
 
     def states(self) -> dict[str, State]:
         """Every known breaker's state, by deployment name."""

@@ -7,12 +7,13 @@ names only (deployments, strategies, states), never request text.
 from __future__ import annotations
 
 import threading
+from collections.abc import Hashable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PromCounter
 
-from .breaker import STATE_VALUE
+from .breaker import STATE_VALUE, Breaker
 
 __all__ = ["RoutingMetrics"]
 
@@ -20,12 +21,17 @@ __all__ = ["RoutingMetrics"]
 class RoutingMetrics:
     """``veil_routing_breaker_state{deployment}`` (0 closed, 1 half-open, 2 open),
     ``veil_routing_breaker_transitions_total{deployment, state}`` (the state
-    entered) and ``veil_routing_pool_choices_total{pool, model, strategy}``."""
+    entered) and ``veil_routing_pool_choices_total{pool, model, strategy}``.
+
+    One per gateway (its registry), so it also keeps what must outlive a
+    policy reload: ``breakers``, the carried memory of
+    :class:`~veil_routing.breaker.BreakerBoard`."""
 
     _by_registry: dict[int, tuple[CollectorRegistry, RoutingMetrics]] = {}
     _lock = threading.Lock()
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.breakers: dict[Hashable, Breaker] = {}
         self.breaker_state = Gauge(
             "veil_routing_breaker_state",
             "Circuit breaker state per deployment: 0 closed, 1 half-open, 2 open.",

@@ -216,10 +216,12 @@ class RoutingStage:
                 window_s=s.breaker.window_s,
                 cooldown_s=s.breaker.cooldown_s,
                 on_transition=metrics.transition,
+                carried=metrics.breakers,
             )
         if self.breakers is not None:
             board, label = self.breakers, self.balancer.label
-            self._breaker_of = {d: board.get(label(d)) for d in policy.deployments}
+            self._breaker_of = {d: board.get(label(d), _upstream(d)) for d in policy.deployments}
+            board.forget_others()
         for name, deps in policy.models.items():
             caps = s.models.get(name)
             self.models[name] = _Model(
@@ -543,6 +545,12 @@ class TrackingRoutingStage(RoutingStage):
         dep = call.scratch.pop("routing", None)
         if dep is not None and self.balancer is not None:
             self.balancer.finished(dep)
+
+
+def _upstream(dep: Deployment) -> tuple[str, str, str, str | None, str | None]:
+    """What makes a deployment the same upstream across policy loads (its
+    breaker carries over; prices or timeouts may change)."""
+    return (dep.name, dep.provider, dep.model, dep.api_base, dep.api_key_env)
 
 
 def _counts(error: UpstreamError) -> bool:
