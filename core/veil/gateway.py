@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from . import gc_tuning
 from .errors import PluginError, PolicyError
 from .metrics import Metrics
 from .policy import RollbackGuard, TrustedKeys, load_policy
@@ -42,6 +43,9 @@ class GatewayConfig:
         (rollback protection across restarts); ``None`` keeps it in memory.
     :param watch_interval: seconds between checks of the policy file for
         changes; 0 disables watching (SIGHUP still reloads).
+    :param tune_gc: tune the process's garbage collector for serving once a
+        policy is loaded (:mod:`veil.gc_tuning`); it is process-wide, so
+        only a process that serves one gateway turns it on.
     """
 
     policy_path: Path
@@ -50,12 +54,15 @@ class GatewayConfig:
     state_dir: Path | None = None
     watch_interval: float = 1.0
     extra_plugins: Mapping[str, Any] = field(default_factory=dict)
+    tune_gc: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
         """Read ``VEIL_POLICY``, ``VEIL_TRUSTED_KEYS`` (paths separated by
-        ``os.pathsep``), ``VEIL_AUDIENCE``, ``VEIL_STATE_DIR`` and
-        ``VEIL_WATCH_INTERVAL``.
+        ``os.pathsep``), ``VEIL_AUDIENCE``, ``VEIL_STATE_DIR``,
+        ``VEIL_WATCH_INTERVAL`` and ``VEIL_GC_TUNING`` (``0`` keeps the
+        interpreter's collector settings; on by default: this is how a
+        serving process is configured).
 
         :raises PolicyError: when a required variable is missing.
         """
@@ -71,6 +78,7 @@ class GatewayConfig:
             audience=env["VEIL_AUDIENCE"],
             state_dir=Path(env["VEIL_STATE_DIR"]) if env.get("VEIL_STATE_DIR") else None,
             watch_interval=float(env.get("VEIL_WATCH_INTERVAL", "1.0")),
+            tune_gc=env.get("VEIL_GC_TUNING", "1") != "0",
         )
 
 
@@ -132,6 +140,8 @@ class Gateway:
             plugins=list(runtime.policy.plugins),
             sha256=runtime.policy.digest,
         )
+        if self.config.tune_gc:
+            gc_tuning.settle()
         if self.config.watch_interval > 0:
             self._watcher = asyncio.create_task(self._watch(), name="veil-policy-watch")
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -177,6 +187,9 @@ class Gateway:
     async def _retire(self, runtime: Runtime) -> None:
         await runtime.drained()
         await runtime.close()
+        if self.config.tune_gc:
+            del runtime
+            gc_tuning.resettle()
 
     async def _watch(self) -> None:
         while True:
