@@ -131,7 +131,16 @@ def _timed(client: Any, url: str, body: dict[str, Any]) -> tuple[float, dict[str
 
 def _presidio() -> Callable[[str], Any]:
     logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
+    import tldextract.tldextract
     from presidio_analyzer import AnalyzerEngine
+
+    # Presidio's e-mail check calls tldextract, which downloads the public suffix list on
+    # first use: offline it fails after a DNS timeout and prints a traceback. Use the
+    # snapshot tldextract bundles, as veil's pii stage does, so the baseline never waits
+    # on the network either.
+    tldextract.tldextract.TLD_EXTRACTOR = tldextract.TLDExtract(
+        cache_dir=None, suffix_list_urls=(), fallback_to_snapshot=True
+    )
     from presidio_analyzer.nlp_engine import NlpEngineProvider
     from presidio_anonymizer import AnonymizerEngine
 
