@@ -6,9 +6,35 @@ status codes, error kinds), never request text or user-supplied strings.
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "per_registry"]
+
+T = TypeVar("T")
+
+_made: weakref.WeakKeyDictionary[CollectorRegistry, dict[Any, Any]] = weakref.WeakKeyDictionary()
+_made_lock = threading.Lock()
+
+
+def per_registry(registry: CollectorRegistry, factory: Callable[[CollectorRegistry], T]) -> T:
+    """The one ``factory(registry)`` made for ``registry``, made on first use.
+
+    A gateway keeps its registry across policy reloads, so a plugin's metrics
+    (which a registry accepts only once) are made here once per gateway and
+    reused by every later policy load; they go when the registry goes.
+    ``factory`` is the key: call it with the same class or function each time.
+    """
+    with _made_lock:
+        made = _made.setdefault(registry, {})
+        if factory not in made:
+            made[factory] = factory(registry)
+        return made[factory]  # type: ignore[no-any-return]
+
 
 _LATENCY_BUCKETS = (
     0.0005,

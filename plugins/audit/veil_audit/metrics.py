@@ -8,12 +8,13 @@ reuse them.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily
+
+from veil.metrics import per_registry
 
 __all__ = ["AuditMetrics"]
 
@@ -69,9 +70,6 @@ class AuditMetrics:
     ``veil_audit_records_total{result}`` (written, dropped) and
     ``veil_audit_sink_errors_total{sink}``."""
 
-    _by_registry: dict[int, tuple[CollectorRegistry, AuditMetrics]] = {}
-    _lock = threading.Lock()
-
     def __init__(self, registry: CollectorRegistry) -> None:
         def counter(name: str, doc: str, labels: list[str]) -> Counter:
             return Counter(name, doc, labels, registry=registry)
@@ -104,12 +102,8 @@ class AuditMetrics:
 
     @classmethod
     def for_registry(cls, registry: Any) -> AuditMetrics:
-        """The metrics of ``registry``, created on first use."""
-        with cls._lock:
-            found = cls._by_registry.get(id(registry))
-            if found is None or found[0] is not registry:
-                found = cls._by_registry[id(registry)] = (registry, cls(registry))
-            return found[1]
+        """The metrics of ``registry``, created on first use (once per gateway)."""
+        return per_registry(registry, cls)
 
     def observe(self, record: dict[str, Any]) -> None:
         """Count one call's record (this is the hot path: see :class:`_Totals`)."""

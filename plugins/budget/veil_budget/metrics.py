@@ -5,11 +5,12 @@ Registered once per registry: policy reloads reuse them.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
+
+from veil.metrics import per_registry
 
 __all__ = ["BudgetMetrics"]
 
@@ -18,9 +19,6 @@ class BudgetMetrics:
     """``veil_budget_refusals_total{reason}`` (budget, rate, per_call),
     ``veil_budget_soft_limit_total{scope}``, ``veil_budget_store_errors_total{op}``
     and ``veil_budget_spend_usd_total{team, model}``."""
-
-    _by_registry: dict[int, tuple[CollectorRegistry, BudgetMetrics]] = {}
-    _lock = threading.Lock()
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.refusals = PromCounter(
@@ -42,12 +40,8 @@ class BudgetMetrics:
 
     @classmethod
     def for_registry(cls, registry: Any) -> BudgetMetrics:
-        """The metrics of ``registry``, created on first use."""
-        with cls._lock:
-            found = cls._by_registry.get(id(registry))
-            if found is None or found[0] is not registry:
-                found = cls._by_registry[id(registry)] = (registry, cls(registry))
-            return found[1]
+        """The metrics of ``registry``, created on first use (once per gateway)."""
+        return per_registry(registry, cls)
 
     def count(self, what: str, label: str) -> None:
         """Count a refusal (``what="refused"``), a soft-limit pass or a store error."""

@@ -6,12 +6,13 @@ names only (deployments, strategies, states), never request text.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Hashable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PromCounter
+
+from veil.metrics import per_registry
 
 from .breaker import STATE_VALUE, Breaker
 
@@ -26,9 +27,6 @@ class RoutingMetrics:
     One per gateway (its registry), so it also keeps what must outlive a
     policy reload: ``breakers``, the carried memory of
     :class:`~veil_routing.breaker.BreakerBoard`."""
-
-    _by_registry: dict[int, tuple[CollectorRegistry, RoutingMetrics]] = {}
-    _lock = threading.Lock()
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.breakers: dict[Hashable, Breaker] = {}
@@ -53,12 +51,8 @@ class RoutingMetrics:
 
     @classmethod
     def for_registry(cls, registry: Any) -> RoutingMetrics:
-        """The metrics of ``registry``, created on first use."""
-        with cls._lock:
-            found = cls._by_registry.get(id(registry))
-            if found is None or found[0] is not registry:
-                found = cls._by_registry[id(registry)] = (registry, cls(registry))
-            return found[1]
+        """The metrics of ``registry``, created on first use (once per gateway)."""
+        return per_registry(registry, cls)
 
     def transition(self, deployment: str, old: str, new: str) -> None:
         """Record a breaker moving to ``new``."""
