@@ -65,3 +65,13 @@ def test_serving_settings_and_a_retired_runtime_is_collected(
     # the retired runtime was frozen with the rest, yet its cycle is collected
     assert out["old_freed"] is True
     assert out["frozen_after"] > 10_000
+
+
+def test_the_environment_turns_it_off_in_the_usual_words() -> None:
+    from veil.gateway import GatewayConfig
+
+    base = {"VEIL_POLICY": "p.toml", "VEIL_TRUSTED_KEYS": "k.pub", "VEIL_AUDIENCE": "a"}
+    assert GatewayConfig.from_env(base).tune_gc is True  # a serving process tunes
+    for off in ("0", "false", "No", " off "):
+        assert GatewayConfig.from_env({**base, "VEIL_GC_TUNING": off}).tune_gc is False
+    assert GatewayConfig.from_env({**base, "VEIL_GC_TUNING": "1"}).tune_gc is True

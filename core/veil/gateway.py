@@ -30,6 +30,8 @@ __all__ = ["Gateway", "GatewayConfig", "Runtime"]
 
 log = structlog.get_logger("veil.gateway")
 
+_OFF = frozenset({"0", "false", "no", "off"})
+
 
 @dataclass
 class GatewayConfig:
@@ -60,7 +62,8 @@ class GatewayConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
         """Read ``VEIL_POLICY``, ``VEIL_TRUSTED_KEYS`` (paths separated by
         ``os.pathsep``), ``VEIL_AUDIENCE``, ``VEIL_STATE_DIR``,
-        ``VEIL_WATCH_INTERVAL`` and ``VEIL_GC_TUNING`` (``0`` keeps the
+        ``VEIL_WATCH_INTERVAL`` and ``VEIL_GC_TUNING`` (``0``, ``false``,
+        ``no`` or ``off`` keep the
         interpreter's collector settings; on by default: this is how a
         serving process is configured).
 
@@ -78,7 +81,7 @@ class GatewayConfig:
             audience=env["VEIL_AUDIENCE"],
             state_dir=Path(env["VEIL_STATE_DIR"]) if env.get("VEIL_STATE_DIR") else None,
             watch_interval=float(env.get("VEIL_WATCH_INTERVAL", "1.0")),
-            tune_gc=env.get("VEIL_GC_TUNING", "1") != "0",
+            tune_gc=env.get("VEIL_GC_TUNING", "1").strip().lower() not in _OFF,
         )
 
 
