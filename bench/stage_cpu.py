@@ -10,7 +10,8 @@ rest, the same way for every scenario:
    gateways (``pipeline = [stage]``);
 2. run the scenario's pre-flight checks, then the interleaved plan (a warm-up per
    gateway and mode, then for each round, mode and connection count every gateway in
-   turn) with wrk or bench/loadgen.py; a load with any error stops the run;
+   turn, in an order that alternates from one round to the next) with wrk or
+   bench/loadgen.py; a load with any error stops the run;
 3. in each (mode, connections) cell, the median CPU ms/req over the rounds of each
    gateway gives the ratio ``<gateway>/core``; a gateway's target is the median of its
    ratio over the cells, PASS when at most the scenario's limit;
@@ -320,14 +321,23 @@ def check_answers(setup: Setup, names: list[str]) -> None:
 def make_plan(
     targets: list[str], modes: list[str], conns: list[int], duration: int, warmup: int, rounds: int
 ) -> list[Step]:
-    """Warm-ups (first round only), then every target in turn per mode and connections."""
+    """Warm-ups (first round only), then every target in turn per mode and connections.
+
+    The order of the targets alternates from one round to the next (and from one cell
+    to the next): whatever favours the first or the second load of a pair (a neighbour's
+    burst, a cache just warmed) falls on each target as often, with an even number of
+    rounds."""
     steps: list[Step] = []
+    cell = 0
     for rnd in range(rounds):
         for mode in modes:
             if rnd == 0 and warmup > 0:
                 steps += [Step("warmup", t, mode, min(16, max(conns)), warmup) for t in targets]
             for c in conns:
-                steps += [Step("measure", t, mode, c, duration, rnd) for t in targets]
+                order = targets if (rnd + cell) % 2 == 0 else targets[::-1]
+                steps += [Step("measure", t, mode, c, duration, rnd) for t in order]
+                cell += 1
+        cell -= len(modes) * len(conns)
     return steps
 
 
@@ -525,14 +535,15 @@ def build_parser(sc: StageScenario) -> argparse.ArgumentParser:
         type=_positive,
         default=None,
         metavar="S",
-        help="seconds per measurement (default 8; 3 with --quick)",
+        help="seconds per measurement (default 6; 3 with --quick)",
     )
     parser.add_argument(
         "--repeat",
         type=_positive,
         default=None,
         metavar="N",
-        help="rounds of the interleaved plan; medians are taken (default 3; 1 with --quick)",
+        help="rounds of the interleaved plan, the targets' order alternating from one round "
+        "to the next; medians are taken (default 4; 1 with --quick)",
     )
     parser.add_argument(
         "--warmup",
@@ -654,9 +665,9 @@ def main(sc: StageScenario, argv: list[str] | None = None) -> int:
         "scenario": sc.stage,
         "meta": {
             "loadgen": gen.name,
-            "duration_s": args.duration or (3 if args.quick else 8),
+            "duration_s": args.duration or (3 if args.quick else 6),
             "warmup_s": args.warmup if args.warmup is not None else (1 if args.quick else 2),
-            "rounds": args.repeat or (1 if args.quick else 3),
+            "rounds": args.repeat or (1 if args.quick else 4),
             "connections": args.connections,
             "modes": list(MODES),
             "limit": sc.limit,

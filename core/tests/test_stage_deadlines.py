@@ -87,3 +87,61 @@ def test_concurrent_calls_each_get_their_own_deadline() -> None:
         return got
 
     assert run(main()) == ["timeout", "ok", "ok"]
+
+
+def test_a_call_that_never_waits_runs_at_once_and_arms_no_timer() -> None:
+    done: list[str] = []
+
+    async def quick() -> None:
+        done.append("ran")
+
+    async def main() -> None:
+        dog = _Watchdog(0.005)
+        await dog.run(1.0, quick())
+        assert done == ["ran"]
+        assert not dog._watched and dog._armed is None
+
+    run(main())
+
+
+def test_a_call_that_fails_before_waiting_raises_its_own_error() -> None:
+    async def broken() -> None:
+        raise ValueError("bug")
+
+    async def main() -> None:
+        dog = _Watchdog(0.005)
+        with pytest.raises(ValueError, match="bug"):
+            await dog.run(1.0, broken())
+        assert not dog._watched
+
+    run(main())
+
+
+def test_a_call_resumed_after_its_first_wait_gets_results_and_errors() -> None:
+    """The part after the first suspension runs under the deadline and sees
+    what it awaits (results, and errors it may handle) as a plain await would."""
+
+    async def main() -> list[object]:
+        dog = _Watchdog(0.005)
+        loop = asyncio.get_running_loop()
+        seen: list[object] = []
+        ok: asyncio.Future[int] = loop.create_future()
+        bad: asyncio.Future[int] = loop.create_future()
+        loop.call_later(0.01, ok.set_result, 7)
+        loop.call_later(0.02, bad.set_exception, KeyError("k"))
+
+        async def stage() -> None:
+            seen.append(await ok)
+            try:
+                await bad
+            except KeyError as e:
+                seen.append(repr(e))
+            await asyncio.sleep(0)
+            raise LookupError("after")
+
+        with pytest.raises(LookupError, match="after"):
+            await dog.run(1.0, stage())
+        assert not dog._watched
+        return seen
+
+    assert run(main()) == [7, "KeyError('k')"]

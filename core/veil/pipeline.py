@@ -13,7 +13,8 @@ the failure is logged, recorded on the call, and the stage is skipped.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+import types
+from collections.abc import AsyncIterator, Awaitable, Generator, Sequence
 from typing import Any
 
 import structlog
@@ -47,7 +48,12 @@ class _Watchdog:
     deadline in a set; a periodic check, armed only while the set is not
     empty, cancels the task of every call past its deadline, and the call
     turns that cancellation into a ``TimeoutError`` (as ``asyncio.timeout``
-    does, leaving other cancellations alone)."""
+    does, leaving other cancellations alone).
+
+    Most stage calls never wait (an in-memory look-up, a record copied into
+    a mapped file): such a call is run to its end at once, and only one that
+    suspends is registered, from its first suspension on. Nothing is lost:
+    a timer can only stop a stage where it waits."""
 
     __slots__ = ("_armed", "_watched", "tick")
 
@@ -57,10 +63,17 @@ class _Watchdog:
         self._armed: asyncio.TimerHandle | None = None
 
     async def run(self, timeout: float, aw: Awaitable[None]) -> None:
-        """Await ``aw`` within ``timeout`` seconds.
+        """Await ``aw`` within ``timeout`` seconds (counted from its first
+        suspension, see the class doc).
 
         :raises TimeoutError: it ran out of time (it was cancelled then).
         """
+        if type(aw) is types.CoroutineType:
+            try:
+                first = aw.send(None)
+            except StopIteration:
+                return  # done without waiting
+            aw = _resume(aw, first)
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         if task is None:  # pragma: no cover - stages always run in a task
@@ -90,6 +103,30 @@ class _Watchdog:
                 d.expired = True
                 d.task.cancel()
         self._armed = loop.call_later(self.tick, self._check, loop) if self._watched else None
+
+
+@types.coroutine
+def _resume(coro: Any, first: Any) -> Generator[Any, Any, Any]:
+    """Await ``coro``, already run up to its first suspension (which yielded
+    ``first``): what the task sends or throws in goes on to ``coro``, as
+    ``await`` would have done from the start."""
+    out = first
+    while True:
+        try:
+            sent = yield out
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as e:  # noqa: BLE001 - cancellation included: coro decides
+            try:
+                out = coro.throw(e)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                out = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
 
 
 class Pipeline:

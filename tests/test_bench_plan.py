@@ -1,0 +1,33 @@
+"""The stage-CPU benchmarks' plan: every gateway is measured first as often as second."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from bench.stage_cpu import make_plan
+
+
+def test_the_order_of_each_pair_alternates_between_rounds() -> None:
+    targets = ["core", "audit"]
+    steps = make_plan(targets, ["nonstream", "stream"], [1, 16], 6, 2, 4)
+    measured = [s for s in steps if s.kind == "measure"]
+    assert len(measured) == 4 * 2 * 2 * len(targets)
+    firsts: Counter[tuple[str, int, str]] = Counter()
+    for pair in zip(measured[::2], measured[1::2], strict=True):
+        a, b = pair
+        assert (a.mode, a.conns, a.round) == (b.mode, b.conns, b.round)
+        assert {a.target, b.target} == set(targets)
+        firsts[(a.mode, a.conns, a.target)] += 1
+    # in each cell, each gateway goes first in half the rounds
+    assert set(firsts.values()) == {2}
+    assert len(firsts) == 2 * 2 * len(targets)
+    # and within a round, neighbouring cells alternate too
+    first_round = [a.target for a in measured[: 2 * 2 * 2 : 2]]
+    assert first_round == ["core", "audit", "core", "audit"]
+
+
+def test_warm_ups_come_once_before_each_mode_of_the_first_round() -> None:
+    steps = make_plan(["core", "budget", "redis"], ["nonstream"], [1], 6, 2, 2)
+    warm = [s for s in steps if s.kind == "warmup"]
+    assert [s.target for s in warm] == ["core", "budget", "redis"]
+    assert steps[:3] == warm
