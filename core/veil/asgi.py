@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import structlog
 
+from .eager import Resume
 from .errors import BadRequest, GatewayError, PayloadTooLarge, UnsupportedMediaType
 from .http import NOT_READY, ClientClosed, log_internal_error, request_id
 from .runtime import Runtime
@@ -271,7 +272,7 @@ async def _pump(
                         await _abandon(*value)
                         raise
                 try:
-                    value = await _Resume(*value)
+                    value = await Resume(*value)
                 except StopAsyncIteration:
                     break
             elif ready is _END:
@@ -306,7 +307,7 @@ _READY, _WAIT, _END = object(), object(), object()
 def _step(chunks: AsyncIterator[Chunk]) -> tuple[object, Any]:
     """Advance ``chunks`` without awaiting: ``(_READY, chunk)`` when the next
     chunk was ready at once, ``(_END, None)`` at the end, or ``(_WAIT, (awaitable,
-    yielded))`` when it must wait (then await ``_Resume(awaitable, yielded)``)."""
+    yielded))`` when it must wait (then await ``Resume(awaitable, yielded)``)."""
     step = chunks.__anext__()
     try:
         yielded = step.send(None)  # type: ignore[attr-defined]
@@ -315,32 +316,6 @@ def _step(chunks: AsyncIterator[Chunk]) -> tuple[object, Any]:
     except StopAsyncIteration:
         return _END, None
     return _WAIT, (step, yielded)
-
-
-class _Resume:
-    """Finish awaiting a coroutine that :func:`_step` started: hand what it
-    yielded (a future, or ``None``) to the running task, and drive it on."""
-
-    __slots__ = ("step", "yielded")
-
-    def __init__(self, step: Any, yielded: Any) -> None:
-        self.step, self.yielded = step, yielded
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        yielded = self.yielded
-        while True:
-            try:
-                yield yielded
-            except BaseException as e:  # cancellation, thrown into the waiting coroutine
-                try:
-                    yielded = self.step.throw(e)
-                except StopIteration as done:
-                    return done.value
-                continue
-            try:
-                yielded = self.step.send(None)
-            except StopIteration as done:
-                return done.value
 
 
 async def _abandon(step: Any, yielded: Any) -> None:
@@ -352,7 +327,7 @@ async def _abandon(step: Any, yielded: Any) -> None:
     except BaseException:
         return
     with contextlib.suppress(BaseException):
-        await _Resume(step, yielded)
+        await Resume(step, yielded)
 
 
 async def _wait_disconnect(receive: Any) -> None:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import types
-from collections.abc import AsyncIterator, Awaitable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
 
 import structlog
 
+from .eager import Resume
 from .errors import GatewayError, StageFailed
 from .registry import StageSpec
 from .types import Call, Chunk
@@ -73,7 +74,7 @@ class _Watchdog:
                 first = aw.send(None)
             except StopIteration:
                 return  # done without waiting
-            aw = _resume(aw, first)
+            aw = Resume(aw, first)
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         if task is None:  # pragma: no cover - stages always run in a task
@@ -103,30 +104,6 @@ class _Watchdog:
                 d.expired = True
                 d.task.cancel()
         self._armed = loop.call_later(self.tick, self._check, loop) if self._watched else None
-
-
-@types.coroutine
-def _resume(coro: Any, first: Any) -> Generator[Any, Any, Any]:
-    """Await ``coro``, already run up to its first suspension (which yielded
-    ``first``): what the task sends or throws in goes on to ``coro``, as
-    ``await`` would have done from the start."""
-    out = first
-    while True:
-        try:
-            sent = yield out
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as e:  # noqa: BLE001 - cancellation included: coro decides
-            try:
-                out = coro.throw(e)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                out = coro.send(sent)
-            except StopIteration as stop:
-                return stop.value
 
 
 class Pipeline:
