@@ -328,16 +328,14 @@ def make_plan(
     burst, a cache just warmed) falls on each target as often, with an even number of
     rounds."""
     steps: list[Step] = []
-    cell = 0
     for rnd in range(rounds):
-        for mode in modes:
+        for m, mode in enumerate(modes):
             if rnd == 0 and warmup > 0:
                 steps += [Step("warmup", t, mode, min(16, max(conns)), warmup) for t in targets]
-            for c in conns:
+            for k, c in enumerate(conns):
+                cell = m * len(conns) + k
                 order = targets if (rnd + cell) % 2 == 0 else targets[::-1]
                 steps += [Step("measure", t, mode, c, duration, rnd) for t in order]
-                cell += 1
-        cell -= len(modes) * len(conns)
     return steps
 
 
