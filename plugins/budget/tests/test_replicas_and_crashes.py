@@ -93,6 +93,67 @@ def test_two_replicas_sharing_redis_hold_the_limit_together(
             r.stop()
 
 
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_two_leasing_replicas_serve_from_leases_and_hold_the_limit(
+    budget_policy: Callable[..., Path],
+    policy_kit: PolicyKit,
+    mock_upstream: ServerThread,
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    # room for 1,200 calls: leases (16 calls, headroom 20 = room for 320) at first,
+    # one exact check per call once fewer than 320 calls fit
+    redis_server.command("FLUSHALL")
+    fixed_usage(mock_upstream)
+    mock_upstream.app.settings.latency_ms = 5
+    fit = 1_200
+    policy = budget_policy(store="redis", budgets=[_team_budget(fit * CALL_USD)])
+    env = {"VEIL_BUDGET_REDIS_URL": redis_server.url}
+    replicas = [
+        GatewayProcess(policy, policy_kit.public_key_path, state_dir=tmp_path / f"s{i}", env=env)
+        for i in range(2)
+    ]
+    try:
+        for r in replicas:
+            r.wait_ready(60)
+
+        async def rounds() -> list[object]:
+            import asyncio
+
+            results: list[object] = []
+            refused_rounds = 0
+            while refused_rounds < 3:  # until the leases have surely come back
+                a, b = await asyncio.gather(*(burst(r.url, 16) for r in replicas))
+                results += [*a, *b]
+                if all(not isinstance(x, str) for x in [*a, *b]):
+                    refused_rounds += 1
+                    await asyncio.sleep(0.1)
+            return results
+
+        results = run(rounds())
+        served = [r for r in results if isinstance(r, str)]
+        refused = [r for r in results if not isinstance(r, str)]
+        assert all(
+            isinstance(e, openai.RateLimitError) and e.code == "budget_exceeded" for e in refused
+        )
+        assert len(served) == fit
+        report = _settled_spend(replicas[0].url)
+        assert report["calls"] == fit
+        (status,) = report["budgets"][:1]
+        assert status["spent_usd"] == pytest.approx(fit * CALL_USD)
+        assert status["reserved_usd"] == 0
+        for r in replicas:  # each served most of its calls without a round trip
+            leased = _metric(r.url, 'veil_budget_lease_calls_total{outcome="served"}')
+            assert leased > fit / 5
+    finally:
+        for r in replicas:
+            r.stop()
+
+
 def test_a_replica_that_loses_redis_refuses(
     budget_policy: Callable[..., Path],
     policy_kit: PolicyKit,

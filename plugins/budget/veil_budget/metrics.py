@@ -5,10 +5,12 @@ Registered once per registry: policy reloads reuse them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from veil.metrics import per_registry
 
@@ -18,7 +20,11 @@ __all__ = ["BudgetMetrics"]
 class BudgetMetrics:
     """``veil_budget_refusals_total{reason}`` (budget, rate, per_call),
     ``veil_budget_soft_limit_total{scope}``, ``veil_budget_store_errors_total{op}``
-    and ``veil_budget_spend_usd_total{team, model}``."""
+    and ``veil_budget_spend_usd_total{team, model}``; with the Redis store's
+    leases, ``veil_budget_lease_calls_total{outcome}`` (served from a lease, or
+    missed: reserved in Redis although a lease was held),
+    ``veil_budget_leases_expired_total`` and ``veil_budget_leases_open``
+    (read from the stores when scraped: nothing is counted on the hot path)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.refusals = PromCounter(
@@ -37,6 +43,30 @@ class BudgetMetrics:
             "veil_budget_spend_usd", "Settled spend in USD.", ["team", "model"],
             registry=registry,
         )  # fmt: skip
+        self._leases: list[Any] = []
+        self._closed = {"served": 0, "missed": 0, "expired": 0}
+        registry.register(_LeaseCollector(self))
+
+    def track(self, leases: Any) -> None:
+        """Report the counts of a store's :class:`~veil_budget.redis_lease.Leases`."""
+        self._leases.append(leases)
+
+    def untrack(self, leases: Any) -> None:
+        """Stop reading ``leases`` (its store closed), keeping its counts."""
+        if leases in self._leases:
+            self._leases.remove(leases)
+            for name in self._closed:
+                self._closed[name] += getattr(leases, name)
+
+    def lease_counts(self) -> dict[str, int]:
+        """Served, missed and expired, over every store so far; and open leases."""
+        counts = dict(self._closed)
+        counts["open"] = 0
+        for leases in self._leases:
+            for name in self._closed:
+                counts[name] += getattr(leases, name)
+            counts["open"] += leases.open()
+        return counts
 
     @classmethod
     def for_registry(cls, registry: Any) -> BudgetMetrics:
@@ -51,3 +81,27 @@ class BudgetMetrics:
             "store_error": self.store_errors,
         }[what]
         metric.labels(label).inc()
+
+
+class _LeaseCollector:
+    def __init__(self, metrics: BudgetMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.metrics.lease_counts()
+        calls = CounterMetricFamily(
+            "veil_budget_lease_calls",
+            "Calls of a kind with a Redis lease: served from it, or missed (reserved in Redis).",
+            labels=["outcome"],
+        )
+        calls.add_metric(["served"], counts["served"])
+        calls.add_metric(["missed"], counts["missed"])
+        yield calls
+        yield CounterMetricFamily(
+            "veil_budget_leases_expired",
+            "Leases Redis forgot while their replica held them (its keep-alives failed).",
+            value=counts["expired"],
+        )
+        yield GaugeMetricFamily(
+            "veil_budget_leases_open", "Leases this process holds.", value=counts["open"]
+        )

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 import hiredis
@@ -48,6 +49,8 @@ class Link(asyncio.Protocol):
         self._waiters: deque[asyncio.Future[Any]] = deque()
         self._transport: asyncio.Transport | None = None
         self.closed = False
+        self.on_lost: Callable[[], None] | None = None
+        """Called once the connection is gone (lost, aborted or closed)."""
 
     @classmethod
     async def open(cls, url: str, timeout_s: float) -> Link:
@@ -108,6 +111,8 @@ class Link(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._fail(RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
+        if self.on_lost is not None:
+            self.on_lost()
 
     def _fail(self, error: Exception) -> None:
         while self._waiters:
@@ -199,6 +204,8 @@ class Batcher:
         self._scheduled = False
         self._closed = False
         self._tasks: set[asyncio.Future[None]] = set()
+        self.on_lost: Callable[[], None] | None = None
+        """Called when the connection is lost (not when :meth:`close` closes it)."""
 
     def submit(self, op: bytes, *, urgent: bool = True) -> asyncio.Future[Any]:
         """Queue one operation (the script's encoding of it); the future
@@ -269,8 +276,13 @@ class Batcher:
         finally:
             if self._connecting is connecting and connecting.done():
                 self._connecting = None
+        link.on_lost = self._lost
         self._link = link
         return link
+
+    def _lost(self) -> None:
+        if not self._closed and self.on_lost is not None:
+            self.on_lost()
 
     def _send(self, link: Link, ops: list[bytes], futures: list[asyncio.Future[Any]]) -> None:
         reply = link.request(("EVALSHA", self.sha, 1, self.slot_key, self.head, *ops))

@@ -19,7 +19,9 @@ are cluster-safe)::
     P:{b}:r:<rid>           hash  amount, counters, buckets   a reservation in
                                   flight: its counter keys and the token
                                   buckets it took from ([key, take, capacity,
-                                  window_s]), JSON
+                                  window_s]), JSON; a replica's lease
+                                  (rid ``lease:<replica>:<n>``, see
+                                  :mod:`veil_budget.redis_lease`) is one too
     P:{b}:expiry            zset  rid -> deadline (server seconds)
     P:{b}:day:<YYYY-MM-DD>  hash  the spend report of a UTC day, 4 fields per
                                   (team, key_id, user, model): the JSON array
@@ -44,6 +46,7 @@ by effects, so ``TIME`` may come before writes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -56,6 +59,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
+from .redis_lease import Leases
 from .redis_link import Batcher
 from .store import Bucket, BucketState, Counter, Denied, Granted, SpendRow, Usage
 
@@ -193,6 +197,27 @@ end
 #   ["s", rid, cost, tokens used ('' = keep what was taken), [counter, ...],
 #    report field prefix, prompt tokens, completion tokens] -> 1
 #   ["x", rid] -> 1 (release)
+# A replica's lease (see veil_budget.redis_lease) is a reservation whose amount
+# the replica spends locally; its token buckets' takes are not recorded (the
+# replica gives back what it did not use with 'g'):
+#   ["l", rid, want, least, headroom, ttl_s, [[counter, limit], ...], [[bucket,
+#    take, least, capacity, window_s], ...]] -> {'ok' | 'no', fresh, added,
+#    taken per bucket..., spent, reserved per counter..., tokens per
+#    bucket...}: the lease grows by up to ``want``, as much as keeps it
+#    within 1/headroom of every counter's room, and takes up to ``take`` from
+#    each bucket, as much as is within 1/headroom of its tokens (a lease past
+#    that share gets nothing); if it would then hold less than ``least`` (or
+#    take less than a bucket's ``least``), nothing changes ('no'). fresh = 1 if the
+#    lease did not exist (first grant, or it expired). A lease that exists
+#    lives ttl_s more, granted or not ('l' with want and least 0 only keeps it
+#    alive). Lease amounts stay below 2^53 (the replica caps them).
+#   ["c", rid, cost, back, [counter, ...], report field prefix, prompt tokens,
+#    completion tokens, calls] -> 1: calls served from lease rid cost ``cost``
+#    together: it becomes spent (and the report's), and cost + back leave the
+#    lease (never more than it holds).
+#   ["g", rid, amount, [[bucket, tokens, capacity, window_s], ...]] -> 1: the
+#    lease gives ``amount`` back ('' = all of it: the lease ends), and the
+#    buckets get the tokens back (up to their capacity).
 # Returns one reply per operation, in order.
 _BATCH = (
     _LIB
@@ -248,13 +273,10 @@ local function reserve(op)
   return out
 end
 
-local function settle(op)
-  local used = nil
-  if op[4] ~= '' then used = tonumber(op[4]) end
-  drop(op[2], used)
-  local cost = op[3]
+-- cost becomes spent in counters cs and the day's report (field prefix f).
+local function spend(cost, cs, f, prompt, completion, calls)
   if cost ~= '0' then
-    for _, c in ipairs(op[5]) do redis.call('HINCRBY', base .. 'c:' .. c, 'spent', cost) end
+    for _, c in ipairs(cs) do redis.call('HINCRBY', base .. 'c:' .. c, 'spent', cost) end
   end
   if not dkey then
     local dayno = math.floor(tonumber(t[1]) / 86400)
@@ -263,11 +285,116 @@ local function settle(op)
     redis.call('ZADD', base .. 'days', 0, day)
     redis.call('ZREMRANGEBYLEX', base .. 'days', '-', '(' .. civil(dayno - KEEP_DAYS))
   end
-  local f = op[6]
   redis.call('HINCRBY', dkey, f .. 'cost', cost)
-  redis.call('HINCRBY', dkey, f .. 'calls', 1)
-  redis.call('HINCRBY', dkey, f .. 'prompt', op[7])
-  redis.call('HINCRBY', dkey, f .. 'completion', op[8])
+  redis.call('HINCRBY', dkey, f .. 'calls', calls)
+  redis.call('HINCRBY', dkey, f .. 'prompt', prompt)
+  redis.call('HINCRBY', dkey, f .. 'completion', completion)
+end
+
+local function settle(op)
+  local used = nil
+  if op[4] ~= '' then used = tonumber(op[4]) end
+  drop(op[2], used)
+  spend(op[3], op[5], op[6], op[7], op[8], 1)
+  return 1
+end
+
+-- Lease rid hands back up to n (a number) of what it holds.
+local function shrink(rid, n)
+  local rkey = base .. 'r:' .. rid
+  local rec = redis.call('HMGET', rkey, 'amount', 'counters')
+  if not rec[1] then return end
+  n = math.min(tonumber(rec[1]), n)
+  if n <= 0 then return end
+  local s = string.format('%d', n)
+  redis.call('HINCRBY', rkey, 'amount', '-' .. s)
+  for _, c in ipairs(cjson.decode(rec[2])) do
+    redis.call('HINCRBY', base .. 'c:' .. c, 'reserved', '-' .. s)
+  end
+end
+
+local function lease(op)
+  local rid, want, least = op[2], tonumber(op[3]), tonumber(op[4])
+  local headroom, cs, bs = op[5], op[7], op[8]
+  local rkey = base .. 'r:' .. rid
+  local held = redis.call('HGET', rkey, 'amount')
+  local fresh = not held
+  held = tonumber(held or '0')
+  -- the grant: what was asked, at most what keeps the lease within 1/headroom
+  -- of each counter's room (the lease's own amount counted as room)
+  local add = want
+  local totals = {}
+  for i, c in ipairs(cs) do
+    local v = redis.call('HMGET', base .. 'c:' .. c[1], 'spent', 'reserved')
+    totals[i] = v
+    local room = tonumber(c[2]) - tonumber(v[1] or '0') - tonumber(v[2] or '0') + held
+    add = math.min(add, math.floor(room / headroom) - held)
+  end
+  -- a lease past its share (the room shrank since) gets nothing more and
+  -- shrinks as its calls spend it; refused: one that would hold less than least
+  add = math.max(add, 0)
+  local ok = held + add >= least
+  local amount = string.format('%d', add)
+  if ok then
+    for i, c in ipairs(cs) do
+      if not fits(totals[i][1], totals[i][2], amount, c[2]) then ok = false end
+    end
+  end
+  local levels, takes = {}, {}
+  for j, b in ipairs(bs) do  -- [key, take, least, capacity, window_s]
+    levels[j] = level(base .. 't:' .. b[1], b[4], b[5])
+    takes[j] = math.max(0, math.min(b[2], math.floor(levels[j] / headroom)))
+    if takes[j] < b[3] then ok = false end
+  end
+  if ok then
+    for j, b in ipairs(bs) do
+      if takes[j] > 0 then
+        levels[j] = levels[j] - takes[j]
+        put(base .. 't:' .. b[1], levels[j], b[4], b[5])
+      end
+    end
+    if add > 0 then
+      for _, c in ipairs(cs) do redis.call('HINCRBY', base .. 'c:' .. c[1], 'reserved', amount) end
+    end
+    if fresh then
+      local names = {}
+      for i, c in ipairs(cs) do names[i] = c[1] end
+      redis.call('HSET', rkey, 'amount', amount,
+        'counters', #names > 0 and cjson.encode(names) or '[]', 'buckets', '[]')
+    elseif add > 0 then
+      redis.call('HINCRBY', rkey, 'amount', amount)
+    end
+  end
+  if ok or not fresh then
+    redis.call('ZADD', base .. 'expiry', num(now + tonumber(op[6])), rid)
+  end
+  local out = {ok and 'ok' or 'no', fresh and 1 or 0, ok and amount or '0'}
+  for j = 1, #bs do out[#out + 1] = ok and takes[j] or 0 end
+  for _, c in ipairs(cs) do
+    local v = redis.call('HMGET', base .. 'c:' .. c[1], 'spent', 'reserved')
+    out[#out + 1] = v[1] or '0'
+    out[#out + 1] = v[2] or '0'
+  end
+  for j = 1, #bs do out[#out + 1] = num(levels[j]) end
+  return out
+end
+
+local function charge(op)
+  shrink(op[2], tonumber(op[3]) + tonumber(op[4]))
+  spend(op[3], op[5], op[6], op[7], op[8], op[9])
+  return 1
+end
+
+local function give(op)
+  if op[3] == '' then
+    drop(op[2], nil)
+  else
+    shrink(op[2], tonumber(op[3]))
+  end
+  for _, b in ipairs(op[4] or {}) do
+    local key = base .. 't:' .. b[1]
+    put(key, math.min(b[3], level(key, b[3], b[4]) + b[2]), b[3], b[4])
+  end
   return 1
 end
 
@@ -279,6 +406,12 @@ for i = 2, #ARGV do
     out[#out + 1] = reserve(op)
   elseif kind == 's' then
     out[#out + 1] = settle(op)
+  elseif kind == 'c' then
+    out[#out + 1] = charge(op)
+  elseif kind == 'l' then
+    out[#out + 1] = lease(op)
+  elseif kind == 'g' then
+    out[#out + 1] = give(op)
   else
     drop(op[2], 0)
     out[#out + 1] = 1
@@ -395,6 +528,9 @@ class RedisStore:
         prefix: str = "veil:budget",
         timeout_s: float = 2.0,
         max_connections: int = 50,
+        lease_calls: int = 0,
+        lease_headroom: int = 20,
+        lease_ttl_s: float = 60.0,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"the Redis key prefix {prefix!r} must not contain {{ or }}")
@@ -411,6 +547,19 @@ class RedisStore:
         )
         self.client: redis.Redis = redis.Redis.from_pool(pool)
         self._batch = Batcher(url, _BATCH, f"{self.base}expiry", self.base, timeout_s=timeout_s)
+        self.leases = (
+            Leases(
+                self._batch.submit,
+                lease_calls=lease_calls,
+                headroom=lease_headroom,
+                ttl_s=lease_ttl_s,
+            )
+            if lease_calls > 0
+            else None
+        )
+        if self.leases is not None:
+            self.leases.on_charge_failed = self._charges_failed
+            self._batch.on_lost = self.leases.lost
         self._fields: dict[tuple[str, ...], str] = {}
         self.settle_failed: Callable[[], None] | None = None
         """Called for each settle that failed (the stage counts them)."""
@@ -454,6 +603,15 @@ class RedisStore:
             raise ValueError(f"ttl_s must be positive, not {ttl_s}")
         limits = _merge_counters(counters)
         merged = _merge_buckets(buckets)
+        leases = self.leases
+        if leases is not None:
+            shape = (
+                tuple(limits.items()),
+                tuple((key, b.capacity, float(b.window_s)) for key, b in merged.items()),
+            )
+            granted = leases.reserve(rid, amount, shape, merged)
+            if granted is not None:
+                return granted
         op = orjson.dumps(
             [
                 "r",
@@ -482,6 +640,8 @@ class RedisStore:
             i += 1
             reset_s = max(0.0, (b.capacity - tokens) * b.window_s / b.capacity)
             states[b.key] = BucketState(max(0, math.floor(tokens)), reset_s)
+        if leases is not None:
+            leases.want(amount, shape, merged)
         return Granted(committed, states)
 
     async def settle(
@@ -510,6 +670,8 @@ class RedisStore:
             field = self._fields[usage[:4]] = (
                 json.dumps(list(usage[:4]), ensure_ascii=False, separators=(",", ":")) + _SEP
             )
+        if self.leases is not None and self.leases.settle(rid, cost, tokens, field, usage):
+            return
         op = orjson.dumps(
             [
                 "s",
@@ -538,14 +700,35 @@ class RedisStore:
         if self.settle_failed is not None:
             self.settle_failed()
 
+    def _charges_failed(self, calls: int, cost: int, error: BaseException) -> None:
+        log.error(
+            "budget_settle_failed",
+            calls=calls,
+            error=type(error).__name__,
+            cost_usd=f"{cost / 1e9:.6f}",
+        )
+        if self.settle_failed is not None:
+            for _ in range(calls):
+                self.settle_failed()
+
+    async def drain(self) -> None:
+        """Send the charges and settles that wait, and wait for their replies."""
+        await self._batch.drain()
+        if self.leases is not None:
+            self.leases.flush()
+            if self.leases.sent:
+                await asyncio.wait(list(self.leases.sent))
+
     async def release(self, rid: str) -> None:
         """See :meth:`veil_budget.store.Store.release`."""
+        if self.leases is not None and self.leases.release(rid):
+            return
         await self._batch.submit(orjson.dumps(["x", rid]))
 
     async def spent(self, keys: list[str]) -> dict[str, tuple[int, int]]:
         """See :meth:`veil_budget.store.Store.spent`. Expired reservations are
         expired first, so ``reserved`` counts only live ones."""
-        await self._batch.drain()
+        await self.drain()
         unique = list(dict.fromkeys(keys))
         redis_keys = [f"{self.base}expiry"] + [self.counter_key(k) for k in unique]
         values: Any = await self._spent(keys=redis_keys, args=[self.base])
@@ -555,7 +738,7 @@ class RedisStore:
         """See :meth:`veil_budget.store.Store.report`. Rows come sorted by
         day, team, key, user and model; ``since`` compares as a string (like
         the SQLite store: ``2026-11`` selects November 2026 onwards)."""
-        await self._batch.drain()
+        await self.drain()
         first = "-" if since is None else "[" + since
         reply: Any = await self._report(keys=[f"{self.base}days"], args=[self.base, first])
         rows: list[SpendRow] = []
@@ -589,7 +772,7 @@ class RedisStore:
         ``[...]`` (a backslash is literal). Counts the counters whose spent
         was not already 0. Each batch of 1000 counters is reset atomically;
         a counter created after the ``SCAN`` passed is not reset."""
-        await self._batch.drain()
+        await self.drain()
         match = _glob_escape(self.counter_key("")) + pattern.replace("\\", "\\\\")
         found = [key async for key in self.client.scan_iter(match=match, count=1000)]
         unique = list(dict.fromkeys(found))
@@ -600,6 +783,10 @@ class RedisStore:
         return count
 
     async def close(self) -> None:
-        """Close the connections."""
+        """Give the leases back, send what waits, close the connections."""
+        if self.leases is not None:
+            await self.leases.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.drain(), self._batch.timeout_s)
         await self._batch.close()
         await self.client.aclose()

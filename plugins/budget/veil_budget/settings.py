@@ -110,6 +110,13 @@ class BudgetSettings(_Strict):
     :param image_tokens: tokens reserved for each image part of a prompt.
     :param reservation_ttl_s: a reservation not settled by then (its gateway
         died mid-call) is released; keep it above the longest call.
+    :param lease_calls: Redis store only: while a budget has plenty of room, a
+        replica leases this many calls' worst case of it (and of the caller's
+        rate limits) and serves those calls without a round trip to Redis
+        each; 0 turns leasing off (see :mod:`veil_budget.redis_lease`).
+    :param lease_headroom: a lease is taken or topped up only while every
+        budget and rate limit it draws from has room for this many times the
+        lease; closer to a limit, every call is checked in Redis on its own.
     """
 
     store: Literal["sqlite", "redis"] = "sqlite"
@@ -118,5 +125,7 @@ class BudgetSettings(_Strict):
     default_max_tokens: Annotated[int, Field(gt=0)] = 4096
     image_tokens: Annotated[int, Field(ge=0)] = 1600
     reservation_ttl_s: Annotated[float, Field(gt=0)] = 900.0
+    lease_calls: Annotated[int, Field(ge=0, le=1000)] = 16
+    lease_headroom: Annotated[int, Field(ge=2)] = 20
     budgets: list[BudgetRule] = []
     rate_limits: list[RateLimitRule] = []

@@ -91,7 +91,9 @@ def open_store(settings: BudgetSettings) -> Store:
             )
         from .redis_store import RedisStore
 
-        return RedisStore(url)
+        return RedisStore(
+            url, lease_calls=settings.lease_calls, lease_headroom=settings.lease_headroom
+        )
     from .sqlite_store import open_sqlite
 
     return open_sqlite(sqlite_path(settings))
@@ -158,6 +160,9 @@ class BudgetStage:
             self.store = open_store(self.settings)
         if hasattr(self.store, "settle_failed"):  # settles that fail after returning
             self.store.settle_failed = lambda: self._count("store_error", "settle")
+        leases = getattr(self.store, "leases", None)
+        if leases is not None and metrics is not None:
+            metrics.track(leases)
         if self.active:
             load_encoding_soon()  # for streams that end without usage; loads off the loop
 
@@ -166,6 +171,9 @@ class BudgetStage:
         if self.store is not None:
             store, self.store = self.store, None
             await store.close()
+            leases = getattr(store, "leases", None)
+            if leases is not None and self.metrics is not None:
+                self.metrics.untrack(leases)
 
     # -- request ------------------------------------------------------------------
 
