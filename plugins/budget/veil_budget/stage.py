@@ -150,6 +150,7 @@ class BudgetStage:
         self.metrics: BudgetMetrics | None = None
         self._plans: dict[tuple[str, str, str | None], _Plan] = {}
         self._prices: dict[tuple[Deployment, ...], tuple[float, float]] = {}
+        self._team_prices: dict[str, tuple[Any, tuple[float, float]]] = {}
         self._spend: dict[tuple[str, str], Any] = {}
         self._tasks: set[asyncio.Future[None]] = set()
 
@@ -344,8 +345,14 @@ class BudgetStage:
             deps = tuple(call.route.deployments)
         else:
             team = call.principal.team
+            seen = self._team_prices.get(team)
+            if seen is not None and seen[0] is call.policy:
+                return seen[1]
             models = call.policy.models.values()
             deps = tuple(d for group in models for d in group if d.allows(team))
+            if len(self._team_prices) > 10_000:
+                self._team_prices.clear()
+            self._team_prices[team] = (call.policy, _max_prices(deps))
         prices = self._prices.get(deps)
         if prices is None:
             if len(self._prices) > 10_000:
@@ -547,19 +554,32 @@ def _rate_headers(
     states: dict[str, BucketState],
 ) -> None:
     """OpenAI's ``x-ratelimit-*`` headers, from the tightest bucket of each kind."""
-    tightest: dict[str, tuple[int, int, float]] = {}
+    if len(buckets) == 2 and buckets[0][1] != buckets[1][1]:  # one rpm, one tpm: no choice
+        for _, kind, bucket in buckets:
+            state = states.get(bucket.key)
+            if state is not None:
+                _set_rate_headers(headers, kind, bucket.capacity, state)
+        return
+    tightest: dict[str, tuple[int, BucketState]] = {}
     for _, kind, bucket in buckets:
         state = states.get(bucket.key)
         if state is None:
             continue
         current = tightest.get(kind)
-        if current is None or state[0] < current[1]:
-            tightest[kind] = (bucket.capacity, state[0], state[1])
-    for kind, (limit, remaining, reset) in tightest.items():
-        names = _HEADER_NAMES[kind]
-        headers[names[0]] = str(limit)
-        headers[names[1]] = str(remaining) if remaining > 0 else "0"
-        headers[names[2]] = _duration(reset)
+        if current is None or state[0] < current[1][0]:
+            tightest[kind] = (bucket.capacity, state)
+    for kind, (limit, state) in tightest.items():
+        _set_rate_headers(headers, kind, limit, state)
+
+
+def _set_rate_headers(headers: dict[str, str], kind: str, limit: int, state: BucketState) -> None:
+    limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
+    remaining, reset = state
+    headers[limit_name] = str(limit)
+    headers[remaining_name] = str(remaining) if remaining > 0 else "0"
+    headers[reset_name] = (
+        f"{int(reset * 1000)}ms" if 0 < reset < 1 else "0ms" if reset <= 0 else _duration(reset)
+    )
 
 
 _HEADER_NAMES = {
