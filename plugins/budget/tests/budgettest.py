@@ -38,10 +38,21 @@ def fixed_usage(mock: Any, prompt: int = 10, completion: int = CALL_TOKENS) -> N
     mock.app.settings.usage = {"prompt_tokens": prompt, "completion_tokens": completion}
 
 
-async def burst(url: str, count: int, *, stream: bool = False, key: str = TEST_KEY) -> list[Any]:
+async def burst(
+    url: str,
+    count: int,
+    *,
+    stream: bool = False,
+    key: str = TEST_KEY,
+    request_id: str | None = None,
+) -> list[Any]:
     """``count`` concurrent chat calls of ``CALL_TOKENS`` output tokens on
-    ``priced``; each result is the text (success) or the ``openai`` error."""
-    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0) as client:
+    ``priced`` (all sending ``x-request-id: request_id`` when given); each
+    result is the text (success) or the ``openai`` error."""
+    headers = {"x-request-id": request_id} if request_id else None
+    async with openai.AsyncOpenAI(
+        base_url=url + "/v1", api_key=key, max_retries=0, default_headers=headers
+    ) as client:
 
         async def one() -> Any:
             try:

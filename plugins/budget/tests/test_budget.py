@@ -60,6 +60,21 @@ def test_200_concurrent_calls_serve_exactly_what_fits(
     assert f'veil_budget_refusals_total{{reason="budget"}} {200 - FIT}.0' in metrics
 
 
+def test_calls_sending_the_same_request_id_are_reserved_one_by_one(
+    budget_gateway: Callable[..., ServerThread], mock_upstream: ServerThread
+) -> None:
+    # the client chooses x-request-id: a shared one must not let calls share a reservation
+    fixed_usage(mock_upstream)
+    mock_upstream.app.settings.latency_ms = 20
+    gw = budget_gateway(budgets=[team_budget(FIT * CALL_USD)])
+    served, refused = outcome(run(burst(gw.url, 200, request_id="same-id")))
+    assert served == FIT
+    assert all(isinstance(e, openai.RateLimitError) for e in refused)
+    (status,) = spend(gw.url)["budgets"]
+    assert status["spent_usd"] == pytest.approx(FIT * CALL_USD)
+    assert status["reserved_usd"] == 0  # every reservation came back
+
+
 def test_spend_is_for_admin_keys_only(budget_gateway: Callable[..., ServerThread]) -> None:
     gw = budget_gateway(budgets=[team_budget(1.0)])
     r = httpx.get(gw.url + "/admin/spend", headers={"authorization": f"Bearer {TEST_KEY}"})

@@ -154,6 +154,26 @@ def test_two_leasing_replicas_serve_from_leases_and_hold_the_limit(
             r.stop()
 
 
+def test_calls_sending_the_same_request_id_share_no_reservation_in_redis(
+    budget_policy: Callable[..., Path],
+    policy_kit: PolicyKit,
+    mock_upstream: ServerThread,
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    redis_server.command("FLUSHALL")
+    fixed_usage(mock_upstream)
+    mock_upstream.app.settings.latency_ms = 20
+    policy = budget_policy(store="redis", budgets=[_team_budget(FIT * CALL_USD)])
+    env = {"VEIL_BUDGET_REDIS_URL": redis_server.url}
+    with GatewayProcess(policy, policy_kit.public_key_path, state_dir=tmp_path, env=env) as gw:
+        results = run(burst(gw.url, 200, request_id="same-id"))
+        assert sum(isinstance(r, str) for r in results) == FIT
+        (status,) = _settled_spend(gw.url)["budgets"][:1]
+        assert status["spent_usd"] == pytest.approx(FIT * CALL_USD)
+        assert status["reserved_usd"] == 0
+
+
 def test_a_replica_that_loses_redis_refuses(
     budget_policy: Callable[..., Path],
     policy_kit: PolicyKit,

@@ -37,9 +37,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -153,6 +155,8 @@ class BudgetStage:
         self._team_prices: dict[str, tuple[Any, tuple[float, float]]] = {}
         self._spend: dict[tuple[str, str], Any] = {}
         self._tasks: set[asyncio.Future[None]] = set()
+        self._rid_prefix = f"v{uuid.uuid4().hex[:16]}:"
+        self._rids = itertools.count()
 
     async def start(self, metrics: BudgetMetrics | None = None) -> None:
         """Open the store (see :func:`open_store`)."""
@@ -232,15 +236,18 @@ class BudgetStage:
                         code="rate_limit_exceeded",
                     )
         store = self.store
+        # the store's id of this reservation: never the request id, which the
+        # client may choose (two calls sharing one would share one reservation)
+        rid = f"{self._rid_prefix}{next(self._rids):x}"
         try:
             if store is None:
                 raise RuntimeError("the budget store is not open")
             result = await store.reserve(
-                call.id, amount, plan.counters, [b for _, _, b in buckets], s.reservation_ttl_s
+                rid, amount, plan.counters, [b for _, _, b in buckets], s.reservation_ttl_s
             )
         except asyncio.CancelledError:  # the client left: the reservation may be in place
             if store is not None:
-                self._release_later(store, call.id)
+                self._release_later(store, rid, call.id)
             raise
         except Exception as e:  # noqa: BLE001 - any store failure: refuse or serve unmetered
             self._count("store_error", "reserve")
@@ -265,14 +272,14 @@ class BudgetStage:
             headers["x-veil-budget-remaining-usd"] = _usd(remaining)
             if plan.soft:
                 self._soft(call, plan.soft, committed)
-        call.scratch[_STATE] = [plan.keys, amount, False]
+        call.scratch[_STATE] = [plan.keys, amount, False, rid]
         if call.stream:
             call.stream_text = []
         call.decide(self.name, "reserved", usd=amount / NANO, budgets=len(plan.applied))
 
-    def _release_later(self, store: Store, rid: str) -> None:
-        """Release ``rid`` in the background (its call was cancelled while
-        reserving, so it cannot await)."""
+    def _release_later(self, store: Store, rid: str, request_id: str) -> None:
+        """Release reservation ``rid`` in the background (its call was
+        cancelled while reserving, so it cannot await)."""
 
         async def release() -> None:
             try:
@@ -280,7 +287,10 @@ class BudgetStage:
             except Exception as e:  # noqa: BLE001 - the reservation expires by itself
                 self._count("store_error", "release")
                 log.error(
-                    "budget_store_failed", request_id=rid, op="release", error=type(e).__name__
+                    "budget_store_failed",
+                    request_id=request_id,
+                    op="release",
+                    error=type(e).__name__,
                 )
 
         task = asyncio.ensure_future(release())
@@ -419,7 +429,7 @@ class BudgetStage:
             store = self.store
             if store is not None:
                 try:
-                    await store.release(call.id)
+                    await store.release(mine[3])
                 except Exception as e:  # noqa: BLE001 - the reservation expires by itself
                     self._count("store_error", "release")
                     log.error(
@@ -456,7 +466,7 @@ class BudgetStage:
             if store is None:
                 raise RuntimeError("the budget store is not open")
             await store.settle(
-                call.id, cost, keys, usage.prompt_tokens + usage.completion_tokens, record
+                mine[3], cost, keys, usage.prompt_tokens + usage.completion_tokens, record
             )
         except Exception as e:  # noqa: BLE001 - logged loudly with the amount; never raised
             self._count("store_error", "settle")
