@@ -51,6 +51,31 @@ def test_the_upstream_sees_placeholders_and_the_client_the_names(pii_gateway) ->
         assert value not in gw.received_text()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_calls_sending_the_same_request_id_keep_their_own_values(
+    pii_gateway, mock_upstream, stream: bool
+) -> None:
+    # the client chooses x-request-id; another caller's call with the same id in
+    # flight at the same time must not have its names restored into this answer
+    gw: PiiGateway = pii_gateway()
+    mock_upstream.app.settings.latency_ms = 100
+    people = [f"Write to {name} about the renewal." for name in ("Zoe Young", "Omar Haddad")]
+
+    def ask(text: str) -> str:
+        with gw.client(default_headers={"x-request-id": "same-id"}) as client:
+            if not stream:
+                answer = client.chat.completions.create(model="mock-model", messages=user(text))
+                return said(answer.choices[0].message.content)
+            parts = client.chat.completions.create(
+                model="mock-model", messages=user(text), stream=True
+            )
+            return said("".join(c.choices[0].delta.content or "" for c in parts if c.choices))
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(ask, people))
+    assert answers == people
+
+
 def test_a_blocked_type_refuses_the_call_before_the_upstream(pii_gateway) -> None:
     gw: PiiGateway = pii_gateway(actions={"CREDIT_CARD": "block"})
     with gw.client() as client, pytest.raises(openai.BadRequestError) as e:

@@ -23,8 +23,9 @@ contain is masked.
 What other plugins see: ``call.scratch["pii"]`` holds entity counts by type
 (``{"entities": {"PERSON": 2}, "placeholders": 2, "conversation": false}``)
 and ``call.decisions`` a ``pii`` decision with the same counts; never values.
-The placeholder table itself stays inside the stage (keyed by call id, and
-dropped when the call ends), so no other plugin can log it by accident.
+The placeholder table itself stays inside the stage (keyed by the call
+object, not by its request id, which the client chooses; dropped when the
+call ends), so no other plugin can log it by accident.
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ class PiiStage:
         self.settings = settings
         self.pool: AnalysisPool | None = None
         self.vault: Vault | None = None
-        self._calls: dict[str, CallState] = {}
+        # keyed by the Call object's identity, never by its request id: the
+        # client chooses that, and two calls sharing one must not share a table
+        self._calls: dict[int, tuple[Call, CallState]] = {}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -211,7 +214,7 @@ class PiiStage:
             slot.set(self._rewrite(slot.text, found, table, state.counts))
         slots.commit()
         state.known = frozenset(" ".join(v.split()).casefold() for v in table.values())
-        self._calls[call.id] = state
+        self._calls[id(call)] = (call, state)
         call.scratch[self.name] = state.summary(conversation is not None)
         call.response_headers[HEADER] = (
             ", ".join(f"{kind}={n}" for kind, n in sorted(state.counts.items())) or "none"
@@ -326,7 +329,7 @@ class PiiStage:
     async def on_response(self, call: Call) -> None:
         """Restore placeholders in a complete answer; mask new personal data
         when ``output_scan`` is on."""
-        state = self._calls.pop(call.id, None)
+        state = self._take(call)
         response = call.response
         if state is None or call.kind != "chat" or response is None or call.stream:
             return
@@ -390,12 +393,21 @@ class PiiStage:
 
     async def on_error(self, call: Call, error: GatewayError) -> None:
         """Forget the call's table."""
-        self._calls.pop(call.id, None)
+        self._take(call)
+
+    def _take(self, call: Call) -> CallState | None:
+        """Remove and return ``call``'s state (``None``: it has none)."""
+        entry = self._calls.get(id(call))
+        if entry is None or entry[0] is not call:
+            return None
+        del self._calls[id(call)]
+        return entry[1]
 
     def wrap_stream(self, call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
         """Restore placeholders chunk by chunk (and scan per sentence with
         ``output_scan``); a chat stream without redactions passes through."""
-        state = self._calls.get(call.id)
+        entry = self._calls.get(id(call))
+        state = entry[1] if entry is not None and entry[0] is call else None
         if state is None or call.kind != "chat":
             return chunks
         if not len(state.table) and not self.settings.output_scan:
