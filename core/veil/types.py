@@ -168,7 +168,9 @@ class Call:
     ``attempts`` counts upstream attempts and ``failovers`` the moves to a
     later deployment of the route. ``route`` is preset from the policy's deployments when the
     requested model names one, and a routing stage may replace it.
-    ``scratch`` is a per-stage space: use ``call.scratch[stage_name]``.
+    ``id`` is the client's ``x-request-id`` when it sent a well-formed one:
+    not unique, so never the key of per-call state (two calls in flight may
+    share it). ``scratch`` is a per-stage space: use ``call.scratch[stage_name]``.
     ``stream_text``: a stage that needs the text an upstream streamed (to
     count the tokens of a stream that ended without usage, say) sets it to
     an empty list in ``on_request``; the core then appends each chunk's
