@@ -310,3 +310,27 @@ def test_a_lost_connection_ends_the_leases(url: str) -> None:
     assert still_open == 0
     assert served_since == 0
     assert isinstance(after, Granted)
+
+
+def test_all_leases_on_a_budget_hold_at_most_its_share_of_the_room(url: str) -> None:
+    # 40 kinds of call (40 keys) share one team budget with room for 2,000
+    # calls: one 16-call lease each would hold 640 calls' worth; together they
+    # may hold 1/10 of the room, 200
+    limit = 2_000 * CALL
+
+    async def main() -> list[Any]:
+        async with leasing(url) as s:
+            for k in range(40):
+                counters = [Counter(TEAM, limit), Counter(f"key:k{k}:day:2026-11-29", 10**12)]
+                await s.reserve(f"first{k}", CALL, counters, [], 30)
+                await s.settle(f"first{k}", CALL, [TEAM, f"key:k{k}:day:2026-11-29"], None, USAGE)
+                await asyncio.sleep(0.005)
+            await s.drain()
+            assert s.leases is not None
+            return [await s.spent([TEAM]), s.leases.open()]
+
+    spent, leases = run(main())
+    held = spent[TEAM][1]
+    assert spent[TEAM][0] == 40 * CALL
+    assert 0 < held <= limit // 10  # one lease per kind alone would hold 640 calls
+    assert leases >= 10  # granted while there was room for them

@@ -105,13 +105,13 @@ def test_two_leasing_replicas_serve_from_leases_and_hold_the_limit(
     redis_server: RedisServer,
     tmp_path: Path,
 ) -> None:
-    # room for 1,200 calls: leases (16 calls, headroom 20 = room for 320) at first,
-    # one exact check per call once fewer than 320 calls fit
+    # room for 1,200 calls; the leases of both replicas together hold at most a
+    # quarter of the room left, and none below two calls' worth: exact at the end
     redis_server.command("FLUSHALL")
     fixed_usage(mock_upstream)
     mock_upstream.app.settings.latency_ms = 5
     fit = 1_200
-    policy = budget_policy(store="redis", budgets=[_team_budget(fit * CALL_USD)])
+    policy = budget_policy(store="redis", budgets=[_team_budget(fit * CALL_USD)], lease_headroom=4)
     env = {"VEIL_BUDGET_REDIS_URL": redis_server.url}
     replicas = [
         GatewayProcess(policy, policy_kit.public_key_path, state_dir=tmp_path / f"s{i}", env=env)

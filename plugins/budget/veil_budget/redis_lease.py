@@ -16,15 +16,17 @@ same hash, the same expiry sweep), so every replica's check counts it in
 full. A replica reserves locally only what its lease still holds, so spent
 plus reserved in Redis never falls below what the replica has committed.
 
-Why a nearly full budget stays exact: Redis grants a lease at most
-``1 / lease_headroom`` of the room every counter has left (and of every
-bucket's tokens); a lease past that share, because the room shrank since,
-gets nothing more and shrinks as its calls spend it. When a lease would hold
+Why a nearly full budget stays exact: Redis grants leases only while all the
+leases on a budget, from every replica and for every kind of call, hold
+together at most ``1 / lease_headroom`` of its room (what they hold counted
+as room; each bucket: a lease takes at most that share of its tokens); when
+the room shrank since, the leases get nothing more and shrink as their calls
+spend them. When a lease would hold
 less than two calls' worth, Redis refuses it, the replica gives back what it
 holds, and its calls go back to one exact check-and-reserve each (for a
-second, then it asks again). So a lease keeps at most ``1 / lease_headroom``
-of a budget's room (as it was when the lease was last topped up) away from
-the other replicas, and a budget is filled exactly at the end.
+second, then it asks again). So the leases keep at most ``1 / lease_headroom``
+of a budget's room (as it was when they were last topped up) away from the
+calls that go to Redis, and a budget is filled exactly at the end.
 
 A lease starts at ``lease_calls`` calls and doubles, up to 16 times that, each
 time a call finds it dry (more calls in flight than it was sized for).
@@ -123,8 +125,9 @@ class Leases:
         millisecond for company.
     :param lease_calls: a lease holds this many times the worst case of the
         call that asks for it.
-    :param headroom: a lease holds at most 1/headroom of the room of every
-        counter and bucket it draws from (when it was last topped up).
+    :param headroom: the leases on a counter hold together at most
+        1/headroom of its room (each lease at most that share of a bucket's
+        tokens), as of their last top-up.
     :param ttl_s: Redis forgets a lease not topped up or kept alive for this long.
     :param idle_s: a lease unused for this long is given back.
     :param linger_s: charges wait this long for company (as the store's settles do).

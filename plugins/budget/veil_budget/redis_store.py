@@ -10,7 +10,9 @@ Key layout (``P`` is the prefix, ``veil:budget`` by default; ``{b}`` is a
 literal Redis Cluster hash tag: every key lives in one slot, so the scripts
 are cluster-safe)::
 
-    P:{b}:c:<counter key>   hash  spent, reserved   one budget in its period
+    P:{b}:c:<counter key>   hash  spent, reserved, leased   one budget in its
+                                  period (leased: the part of reserved that
+                                  replicas' leases hold)
                                   (e.g. P:{b}:c:team:alpha:month:2026-11);
                                   no TTL: spend survives
     P:{b}:t:<bucket key>    hash  tokens, ts        a token bucket refilled to
@@ -162,8 +164,10 @@ local function drop(rid, used)
   if not rec[1] then return end
   redis.call('DEL', rkey)
   if rec[1] ~= '0' then
+    local lease = string.sub(rid, 1, 6) == 'lease:'
     for _, c in ipairs(cjson.decode(rec[2])) do
       redis.call('HINCRBY', base .. 'c:' .. c, 'reserved', '-' .. rec[1])
+      if lease then redis.call('HINCRBY', base .. 'c:' .. c, 'leased', '-' .. rec[1]) end
     end
   end
   if used then
@@ -203,8 +207,10 @@ end
 #   ["l", rid, want, least, headroom, ttl_s, [[counter, limit], ...], [[bucket,
 #    take, least, capacity, window_s], ...]] -> {'ok' | 'no', fresh, added,
 #    taken per bucket..., spent, reserved per counter..., tokens per
-#    bucket...}: the lease grows by up to ``want``, as much as keeps it
-#    within 1/headroom of every counter's room, and takes up to ``take`` from
+#    bucket...}: the lease grows by up to ``want``, as much as keeps all leases
+#    on every counter together within 1/headroom of its room (a counter's
+#    ``leased`` field sums them; a rid starting ``lease:`` is a lease, so per-call
+#    reservations must not use that prefix), and takes up to ``take`` from
 #    each bucket, as much as is within 1/headroom of its tokens (a lease past
 #    that share gets nothing); if it would then hold less than ``least`` (or
 #    take less than a bucket's ``least``), nothing changes ('no'). fresh = 1 if the
@@ -310,6 +316,7 @@ local function shrink(rid, n)
   redis.call('HINCRBY', rkey, 'amount', '-' .. s)
   for _, c in ipairs(cjson.decode(rec[2])) do
     redis.call('HINCRBY', base .. 'c:' .. c, 'reserved', '-' .. s)
+    redis.call('HINCRBY', base .. 'c:' .. c, 'leased', '-' .. s)
   end
 end
 
@@ -320,15 +327,16 @@ local function lease(op)
   local held = redis.call('HGET', rkey, 'amount')
   local fresh = not held
   held = tonumber(held or '0')
-  -- the grant: what was asked, at most what keeps the lease within 1/headroom
-  -- of each counter's room (the lease's own amount counted as room)
+  -- the grant: what was asked, at most what keeps all leases on each counter
+  -- together within 1/headroom of its room (what they hold counted as room)
   local add = want
   local totals = {}
   for i, c in ipairs(cs) do
-    local v = redis.call('HMGET', base .. 'c:' .. c[1], 'spent', 'reserved')
+    local v = redis.call('HMGET', base .. 'c:' .. c[1], 'spent', 'reserved', 'leased')
     totals[i] = v
-    local room = tonumber(c[2]) - tonumber(v[1] or '0') - tonumber(v[2] or '0') + held
-    add = math.min(add, math.floor(room / headroom) - held)
+    local leased = tonumber(v[3] or '0')
+    local room = tonumber(c[2]) - tonumber(v[1] or '0') - tonumber(v[2] or '0') + leased
+    add = math.min(add, math.floor(room / headroom) - leased)
   end
   -- a lease past its share (the room shrank since) gets nothing more and
   -- shrinks as its calls spend it; refused: one that would hold less than least
@@ -354,7 +362,10 @@ local function lease(op)
       end
     end
     if add > 0 then
-      for _, c in ipairs(cs) do redis.call('HINCRBY', base .. 'c:' .. c[1], 'reserved', amount) end
+      for _, c in ipairs(cs) do
+        redis.call('HINCRBY', base .. 'c:' .. c[1], 'reserved', amount)
+        redis.call('HINCRBY', base .. 'c:' .. c[1], 'leased', amount)
+      end
     end
     if fresh then
       local names = {}
