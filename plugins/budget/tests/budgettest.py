@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import openai
 
@@ -13,6 +14,9 @@ OUTPUT_PRICE = 1000.0
 """USD per million output tokens of ``priced``: 100 output tokens cost $0.10."""
 CALL_TOKENS = 100
 CALL_USD = CALL_TOKENS * OUTPUT_PRICE / 1_000_000
+
+
+T = TypeVar("T")
 
 
 def deployments(url: str) -> list[dict[str, Any]]:
@@ -78,5 +82,5 @@ async def burst(
         return await asyncio.gather(*(one() for _ in range(count)))
 
 
-def run(coro: Any) -> Any:
+def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)

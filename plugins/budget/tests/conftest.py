@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import veil_budget
 
-from veil.testing import PolicyKit, ServerThread, policy_toml
+from veil.testing import PolicyKit, RedisServer, ServerThread, policy_toml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -72,3 +72,10 @@ def budget_gateway(
         return start_gateway(path, plugins={"budget": veil_budget})
 
     return start
+
+
+@pytest.fixture
+def url(redis_server: RedisServer) -> str:
+    """The URL of the tests' ``redis-server``, flushed (for the store-level tests)."""
+    redis_server.command("FLUSHALL")
+    return redis_server.url

@@ -9,37 +9,23 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import pytest
 import redis
 import redis.asyncio
-
-from veil.testing import RedisServer
+from budgettest import run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from veil_budget.redis_store import RedisStore  # noqa: E402
 from veil_budget.store import Bucket, Counter, Denied, Granted, Usage  # noqa: E402
 
-T = TypeVar("T")
-
 USAGE = Usage("alpha", "k1", "", "gpt-4o", prompt_tokens=10, completion_tokens=5)
 TEAM = "team:alpha:month:2026-11"
 CALL = 1_000  # nano-dollars: every call here reserves and costs this
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
-@pytest.fixture
-def url(redis_server: RedisServer) -> str:
-    redis_server.command("FLUSHALL")
-    return redis_server.url
 
 
 @asynccontextmanager
@@ -59,6 +45,14 @@ async def until_leased(store: RedisStore) -> None:
             return
         await asyncio.sleep(0.005)
     raise AssertionError("no lease was granted")
+
+
+async def first_lease(store: RedisStore, counters: list[Counter]) -> None:
+    """One call reserved in Redis and settled at ``CALL`` (the store asks for a
+    lease on its kind), then wait for the lease."""
+    await store.reserve("first", CALL, counters, [], 30)
+    await store.settle("first", CALL, [TEAM], None, USAGE)
+    await until_leased(store)
 
 
 def script_calls(client: redis.Redis) -> int:
@@ -199,9 +193,7 @@ def test_a_lease_its_replica_abandons_expires(url: str) -> None:
 
     async def main() -> list[Any]:
         s = RedisStore(url, lease_calls=8, lease_headroom=10, lease_ttl_s=0.5)
-        await s.reserve("first", CALL, counters, [], 30)
-        await s.settle("first", CALL, [TEAM], None, USAGE)
-        await until_leased(s)
+        await first_lease(s, counters)
         await s.reserve("stranded", CALL, counters, [], 30)  # in flight when it "dies"
         assert s.leases is not None and s.leases._keeper is not None
         s.leases._keeper.cancel()  # killed: nobody keeps the lease alive or gives it back
@@ -249,9 +241,7 @@ def test_an_idle_lease_is_given_back(url: str) -> None:
 
     async def main() -> list[Any]:
         async with leasing(url) as s:
-            await s.reserve("first", CALL, counters, [], 30)
-            await s.settle("first", CALL, [TEAM], None, USAGE)
-            await until_leased(s)
+            await first_lease(s, counters)
             leased = await s.spent([TEAM])
             assert s.leases is not None
             s.leases.tend(time.monotonic() + s.leases.idle_s + 1)  # the keeper, later
@@ -269,9 +259,7 @@ def test_a_lease_with_a_call_in_flight_is_kept_alive_past_its_ttl(url: str) -> N
 
     async def main() -> list[Any]:
         async with leasing(url, lease_ttl_s=0.6) as s:
-            await s.reserve("first", CALL, counters, [], 30)
-            await s.settle("first", CALL, [TEAM], None, USAGE)
-            await until_leased(s)
+            await first_lease(s, counters)
             assert s.leases is not None
             s.leases.idle_s = 0.1  # idle, but a call is in flight: kept, not given back
             granted = await s.reserve("long", CALL, counters, [], 30)
@@ -293,9 +281,7 @@ def test_a_lost_connection_ends_the_leases(url: str) -> None:
 
     async def main() -> list[Any]:
         async with leasing(url) as s:
-            await s.reserve("first", CALL, counters, [], 30)
-            await s.settle("first", CALL, [TEAM], None, USAGE)
-            await until_leased(s)
+            await first_lease(s, counters)
             assert s.leases is not None
             served = s.leases.served
             killer = redis.asyncio.Redis.from_url(url)

@@ -9,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import datetime
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import redis
 import redis.exceptions
+from budgettest import run
 
-from veil.testing import RedisServer, free_port
+from veil.testing import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,20 +33,7 @@ from veil_budget.store import (  # noqa: E402
     Usage,
 )
 
-T = TypeVar("T")
-
 USAGE = Usage("alpha", "k1", "ann", "gpt-4o", prompt_tokens=10, completion_tokens=5)
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
-@pytest.fixture
-def url(redis_server: RedisServer) -> str:
-    """The URL of a flushed Redis."""
-    redis_server.command("FLUSHALL")
-    return redis_server.url
 
 
 @asynccontextmanager

@@ -11,7 +11,8 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,35 @@ def _settled_spend(url: str, timeout: float = 5.0) -> dict[str, object]:
         time.sleep(0.01)
 
 
+@contextmanager
+def redis_replicas(
+    policy: Path, kit: PolicyKit, redis_server: RedisServer, tmp_path: Path, count: int = 2
+) -> Iterator[list[GatewayProcess]]:
+    """``count`` ``veil serve`` processes running ``policy`` on the flushed ``redis_server``."""
+    redis_server.command("FLUSHALL")
+    env = {"VEIL_BUDGET_REDIS_URL": redis_server.url}
+    replicas = [
+        GatewayProcess(policy, kit.public_key_path, state_dir=tmp_path / f"s{i}", env=env)
+        for i in range(count)
+    ]
+    try:
+        for r in replicas:
+            r.wait_ready(60)
+        yield replicas
+    finally:
+        for r in replicas:
+            r.stop()
+
+
+def _served(results: list[object]) -> list[object]:
+    """The answers among ``results``; every other one must be a budget refusal."""
+    refused = [r for r in results if not isinstance(r, str)]
+    assert all(
+        isinstance(e, openai.RateLimitError) and e.code == "budget_exceeded" for e in refused
+    )
+    return [r for r in results if isinstance(r, str)]
+
+
 def test_two_replicas_sharing_redis_hold_the_limit_together(
     budget_policy: Callable[..., Path],
     policy_kit: PolicyKit,
@@ -55,18 +85,10 @@ def test_two_replicas_sharing_redis_hold_the_limit_together(
     redis_server: RedisServer,
     tmp_path: Path,
 ) -> None:
-    redis_server.command("FLUSHALL")
     fixed_usage(mock_upstream)
     mock_upstream.app.settings.latency_ms = 20  # calls overlap across the replicas
     policy = budget_policy(store="redis", budgets=[_team_budget(FIT * CALL_USD)])
-    env = {"VEIL_BUDGET_REDIS_URL": redis_server.url}
-    replicas = [
-        GatewayProcess(policy, policy_kit.public_key_path, state_dir=tmp_path / f"s{i}", env=env)
-        for i in range(2)
-    ]
-    try:
-        for r in replicas:
-            r.wait_ready(60)
+    with redis_replicas(policy, policy_kit, redis_server, tmp_path) as replicas:
 
         async def both() -> list[object]:
             import asyncio
@@ -74,13 +96,7 @@ def test_two_replicas_sharing_redis_hold_the_limit_together(
             a, b = await asyncio.gather(*(burst(r.url, 100) for r in replicas))
             return [*a, *b]
 
-        results = run(both())
-        served = [r for r in results if isinstance(r, str)]
-        refused = [r for r in results if not isinstance(r, str)]
-        assert len(served) == FIT
-        assert all(
-            isinstance(e, openai.RateLimitError) and e.code == "budget_exceeded" for e in refused
-        )
+        assert len(_served(run(both()))) == FIT
         for r in replicas:  # both replicas see the one shared total
             report = _settled_spend(r.url)
             assert report["calls"] == FIT
@@ -88,9 +104,6 @@ def test_two_replicas_sharing_redis_hold_the_limit_together(
             (status,) = report["budgets"][:1]
             assert status["spent_usd"] <= FIT * CALL_USD + 1e-9
             assert status["reserved_usd"] == 0
-    finally:
-        for r in replicas:
-            r.stop()
 
 
 def _metric(url: str, name: str) -> float:
@@ -107,19 +120,11 @@ def test_two_leasing_replicas_serve_from_leases_and_hold_the_limit(
 ) -> None:
     # room for 1,200 calls; the leases of both replicas together hold at most a
     # quarter of the room left, and none below two calls' worth: exact at the end
-    redis_server.command("FLUSHALL")
     fixed_usage(mock_upstream)
     mock_upstream.app.settings.latency_ms = 5
     fit = 1_200
     policy = budget_policy(store="redis", budgets=[_team_budget(fit * CALL_USD)], lease_headroom=4)
-    env = {"VEIL_BUDGET_REDIS_URL": redis_server.url}
-    replicas = [
-        GatewayProcess(policy, policy_kit.public_key_path, state_dir=tmp_path / f"s{i}", env=env)
-        for i in range(2)
-    ]
-    try:
-        for r in replicas:
-            r.wait_ready(60)
+    with redis_replicas(policy, policy_kit, redis_server, tmp_path) as replicas:
 
         async def rounds() -> list[object]:
             import asyncio
@@ -134,13 +139,7 @@ def test_two_leasing_replicas_serve_from_leases_and_hold_the_limit(
                     await asyncio.sleep(0.1)
             return results
 
-        results = run(rounds())
-        served = [r for r in results if isinstance(r, str)]
-        refused = [r for r in results if not isinstance(r, str)]
-        assert all(
-            isinstance(e, openai.RateLimitError) and e.code == "budget_exceeded" for e in refused
-        )
-        assert len(served) == fit
+        assert len(_served(run(rounds()))) == fit
         report = _settled_spend(replicas[0].url)
         assert report["calls"] == fit
         (status,) = report["budgets"][:1]
@@ -149,9 +148,6 @@ def test_two_leasing_replicas_serve_from_leases_and_hold_the_limit(
         for r in replicas:  # each served most of its calls without a round trip
             leased = _metric(r.url, 'veil_budget_lease_calls_total{outcome="served"}')
             assert leased > fit / 5
-    finally:
-        for r in replicas:
-            r.stop()
 
 
 def test_calls_sending_the_same_request_id_share_no_reservation_in_redis(
@@ -161,12 +157,10 @@ def test_calls_sending_the_same_request_id_share_no_reservation_in_redis(
     redis_server: RedisServer,
     tmp_path: Path,
 ) -> None:
-    redis_server.command("FLUSHALL")
     fixed_usage(mock_upstream)
     mock_upstream.app.settings.latency_ms = 20
     policy = budget_policy(store="redis", budgets=[_team_budget(FIT * CALL_USD)])
-    env = {"VEIL_BUDGET_REDIS_URL": redis_server.url}
-    with GatewayProcess(policy, policy_kit.public_key_path, state_dir=tmp_path, env=env) as gw:
+    with redis_replicas(policy, policy_kit, redis_server, tmp_path, count=1) as (gw,):
         results = run(burst(gw.url, 200, request_id="same-id"))
         assert sum(isinstance(r, str) for r in results) == FIT
         (status,) = _settled_spend(gw.url)["budgets"][:1]

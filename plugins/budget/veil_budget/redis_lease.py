@@ -95,6 +95,7 @@ class Lease:
         "levels",
         "limits",
         "rid",
+        "shape",
         "tokens",
         "used_at",
         "windows",
@@ -102,6 +103,7 @@ class Lease:
 
     def __init__(self, rid: str, shape: Shape, calls: int) -> None:
         self.rid = rid
+        self.shape = shape
         self.calls = calls
         self.limits = dict(shape[0])
         self.windows = {key: (capacity, window) for key, capacity, window in shape[1]}
@@ -353,7 +355,7 @@ class Leases:
                 self._close(lease)
             elif lease.deadline == 0.0 and lease.inflight == 0:  # never granted
                 self._forget(lease)
-                self._refused[self._shape_of(lease)] = time.monotonic() + _RETRY_S
+                self._refused[lease.shape] = time.monotonic() + _RETRY_S
             return
         reply = future.result()
         ok, fresh = reply[0] == "ok", int(reply[1]) == 1
@@ -386,14 +388,8 @@ class Leases:
             lease.deadline = sent + self.ttl_s
         if len(self._refused) > 10_000:
             self._refused.clear()
-        self._refused[self._shape_of(lease)] = time.monotonic() + _RETRY_S
+        self._refused[lease.shape] = time.monotonic() + _RETRY_S
         self._close(lease, "refused: too close to a limit")
-
-    def _shape_of(self, lease: Lease) -> Shape:
-        return (
-            tuple(lease.limits.items()),
-            tuple((key, cw[0], cw[1]) for key, cw in lease.windows.items()),
-        )
 
     def _close(self, lease: Lease, reason: str | None = None) -> None:
         """Stop serving from ``lease``, give back what it holds; in-flight
@@ -430,8 +426,8 @@ class Leases:
             self._submit(orjson.dumps(["g", lease.rid, ""]), urgent=False)
 
     def _forget(self, lease: Lease) -> None:
-        if self._by_shape.get(self._shape_of(lease)) is lease:
-            del self._by_shape[self._shape_of(lease)]
+        if self._by_shape.get(lease.shape) is lease:
+            del self._by_shape[lease.shape]
 
     async def _keep(self) -> None:
         """Give back idle leases; keep alive those with calls in flight."""

@@ -181,6 +181,18 @@ local function drop(rid, used)
   end
 end
 
+-- Append to out each counter's spent and reserved (cs: [[key, limit], ...]),
+-- then each bucket's tokens (levels); the tail of a reserve's or lease's reply.
+local function with_totals(out, cs, levels)
+  for _, c in ipairs(cs) do
+    local v = redis.call('HMGET', base .. 'c:' .. c[1], 'spent', 'reserved')
+    out[#out + 1] = v[1] or '0'
+    out[#out + 1] = v[2] or '0'
+  end
+  for j = 1, #levels do out[#out + 1] = num(levels[j]) end
+  return out
+end
+
 -- Expire the reservations whose deadline has passed (as a release would).
 local function sweep()
   local due = redis.call('ZRANGEBYSCORE', base .. 'expiry', '-inf', num(now))
@@ -269,14 +281,7 @@ local function reserve(op)
       'buckets', #record > 0 and cjson.encode(record) or '[]')
     redis.call('ZADD', base .. 'expiry', num(now + tonumber(op[4])), rid)
   end
-  local out = {'ok'}
-  for _, c in ipairs(cs) do
-    local v = redis.call('HMGET', base .. 'c:' .. c[1], 'spent', 'reserved')
-    out[#out + 1] = v[1] or '0'
-    out[#out + 1] = v[2] or '0'
-  end
-  for j = 1, #bs do out[#out + 1] = num(levels[j]) end
-  return out
+  return with_totals({'ok'}, cs, levels)
 end
 
 -- cost becomes spent in counters cs and the day's report (field prefix f).
@@ -381,13 +386,7 @@ local function lease(op)
   end
   local out = {ok and 'ok' or 'no', fresh and 1 or 0, ok and amount or '0'}
   for j = 1, #bs do out[#out + 1] = ok and takes[j] or 0 end
-  for _, c in ipairs(cs) do
-    local v = redis.call('HMGET', base .. 'c:' .. c[1], 'spent', 'reserved')
-    out[#out + 1] = v[1] or '0'
-    out[#out + 1] = v[2] or '0'
-  end
-  for j = 1, #bs do out[#out + 1] = num(levels[j]) end
-  return out
+  return with_totals(out, cs, levels)
 end
 
 local function charge(op)

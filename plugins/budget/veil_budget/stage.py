@@ -587,9 +587,7 @@ def _set_rate_headers(headers: dict[str, str], kind: str, limit: int, state: Buc
     remaining, reset = state
     headers[limit_name] = str(limit)
     headers[remaining_name] = str(remaining) if remaining > 0 else "0"
-    headers[reset_name] = (
-        f"{int(reset * 1000)}ms" if 0 < reset < 1 else "0ms" if reset <= 0 else _duration(reset)
-    )
+    headers[reset_name] = _duration(reset)
 
 
 _HEADER_NAMES = {

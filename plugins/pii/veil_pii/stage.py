@@ -395,19 +395,22 @@ class PiiStage:
         """Forget the call's table."""
         self._take(call)
 
+    def _state(self, call: Call) -> CallState | None:
+        """``call``'s state (``None``: it has none)."""
+        entry = self._calls.get(id(call))
+        return entry[1] if entry is not None and entry[0] is call else None
+
     def _take(self, call: Call) -> CallState | None:
         """Remove and return ``call``'s state (``None``: it has none)."""
-        entry = self._calls.get(id(call))
-        if entry is None or entry[0] is not call:
-            return None
-        del self._calls[id(call)]
-        return entry[1]
+        state = self._state(call)
+        if state is not None:
+            del self._calls[id(call)]
+        return state
 
     def wrap_stream(self, call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
         """Restore placeholders chunk by chunk (and scan per sentence with
         ``output_scan``); a chat stream without redactions passes through."""
-        entry = self._calls.get(id(call))
-        state = entry[1] if entry is not None and entry[0] is call else None
+        state = self._state(call)
         if state is None or call.kind != "chat":
             return chunks
         if not len(state.table) and not self.settings.output_scan:
