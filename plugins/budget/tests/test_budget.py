@@ -404,3 +404,22 @@ def test_bad_policy_values_are_refused_naming_the_field(
     with pytest.raises(PolicyError) as e:
         asyncio.run(gateway.start())
     assert "budget" in str(e.value) and field in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("lease_calls", -1), ("lease_headroom", 1), ("lease_calls", "many")]
+)
+def test_bad_lease_settings_are_refused_naming_the_field(
+    budget_policy: Callable[..., Path], policy_kit: PolicyKit, setting: str, value: object
+) -> None:
+    import asyncio
+
+    import veil_budget
+
+    from veil.gateway import Gateway
+
+    policy = budget_policy(budgets=[team_budget(5.0)], **{setting: value})
+    gateway = Gateway(policy_kit.config(policy, extra_plugins={"budget": veil_budget}))
+    with pytest.raises(PolicyError) as e:
+        asyncio.run(gateway.start())
+    assert "budget" in str(e.value) and setting in str(e.value)
