@@ -69,12 +69,28 @@ class _Watchdog:
 
         :raises TimeoutError: it ran out of time (it was cancelled then).
         """
+        waiting = self.step(timeout, aw)
+        if waiting is not None:
+            await waiting
+
+    def step(self, timeout: float, aw: Awaitable[None]) -> Awaitable[None] | None:
+        """Drive coroutine ``aw`` up to its first wait: ``None`` when it
+        finished without waiting, else what to await to finish it within
+        ``timeout`` seconds (as :meth:`run`). A plain function, so that a
+        stage call that never waits costs no coroutine of the watchdog's
+        (the pipeline's loops call this; :meth:`run` is the same in one await).
+
+        :raises Exception: what ``aw`` raised before its first wait.
+        """
         if type(aw) is types.CoroutineType:
             try:
                 first = aw.send(None)
             except StopIteration:
-                return  # done without waiting
+                return None  # done without waiting
             aw = Resume(aw, first)
+        return self._watch(timeout, aw)
+
+    async def _watch(self, timeout: float, aw: Awaitable[None]) -> None:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         if task is None:  # pragma: no cover - stages always run in a task
@@ -154,9 +170,12 @@ class Pipeline:
 
     async def run_request(self, call: Call) -> None:
         """``on_request`` in policy order; stops early once a stage answered."""
+        step = self._watchdog.step
         for spec in self.request:
             try:
-                await self._watchdog.run(spec.timeout, spec.stage.on_request(call))
+                waiting = step(spec.timeout, spec.stage.on_request(call))
+                if waiting is not None:
+                    await waiting
             except GatewayError:
                 raise
             except Exception as e:
@@ -167,9 +186,12 @@ class Pipeline:
 
     async def run_response(self, call: Call) -> None:
         """``on_response`` in reverse policy order."""
+        step = self._watchdog.step
         for spec in self.response:
             try:
-                await self._watchdog.run(spec.timeout, spec.stage.on_response(call))
+                waiting = step(spec.timeout, spec.stage.on_response(call))
+                if waiting is not None:
+                    await waiting
             except GatewayError:
                 raise
             except Exception as e:
@@ -177,9 +199,12 @@ class Pipeline:
 
     async def run_error(self, call: Call, error: GatewayError) -> None:
         """``on_error`` for every stage, in reverse order; never raises."""
+        step = self._watchdog.step
         for spec in self.error:
             try:
-                await self._watchdog.run(spec.timeout, spec.stage.on_error(call, error))
+                waiting = step(spec.timeout, spec.stage.on_error(call, error))
+                if waiting is not None:
+                    await waiting
             except Exception as e:
                 log.error(
                     "stage_on_error_failed",
@@ -199,9 +224,12 @@ class Pipeline:
         with ``StageFailed``, unless the stage is ``fail = "open"``. On the
         failure path nothing is raised: failures are logged.
         """
+        step = self._watchdog.step
         for spec in self.finish:
             try:
-                await self._watchdog.run(spec.timeout, spec.stage.on_finish(call))
+                waiting = step(spec.timeout, spec.stage.on_finish(call))
+                if waiting is not None:
+                    await waiting
             except GatewayError as e:
                 if not failed:
                     raise

@@ -58,6 +58,9 @@ def test_200_concurrent_calls_serve_exactly_what_fits(
     assert status["reserved_usd"] == 0
     metrics = httpx.get(gw.url + "/metrics").text
     assert f'veil_budget_refusals_total{{reason="budget"}} {200 - FIT}.0' in metrics
+    (line,) = [m for m in metrics.splitlines() if m.startswith("veil_budget_spend_usd_total{")]
+    assert 'team="test"' in line
+    assert float(line.rsplit(" ", 1)[1]) == pytest.approx(FIT * CALL_USD)
 
 
 def test_calls_sending_the_same_request_id_are_reserved_one_by_one(

@@ -14,6 +14,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from veil.metrics import per_registry
 
+from .store import NANO
+
 __all__ = ["BudgetMetrics"]
 
 
@@ -24,7 +26,8 @@ class BudgetMetrics:
     leases, ``veil_budget_lease_calls_total{outcome}`` (served from a lease, or
     missed: reserved in Redis although a lease was held),
     ``veil_budget_leases_expired_total`` and ``veil_budget_leases_open``
-    (read from the stores when scraped: nothing is counted on the hot path)."""
+    (read from the stores when scraped: nothing is counted on the hot path).
+    Spend is summed in :attr:`spend_nanos` and read when scraped too."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.refusals = PromCounter(
@@ -39,10 +42,10 @@ class BudgetMetrics:
             "veil_budget_store_errors", "Budget store operations that failed.", ["op"],
             registry=registry,
         )  # fmt: skip
-        self.spend = PromCounter(
-            "veil_budget_spend_usd", "Settled spend in USD.", ["team", "model"],
-            registry=registry,
-        )  # fmt: skip
+        self.spend_nanos: dict[tuple[str, str], int] = {}
+        """Settled nano-dollars per (team, model): the stage adds to it, a
+        scrape reads it as ``veil_budget_spend_usd_total`` (a dict update
+        per call instead of a locked Prometheus counter)."""
         self._leases: list[Any] = []
         self._closed = {"served": 0, "missed": 0, "expired": 0}
         registry.register(_LeaseCollector(self))
@@ -88,6 +91,12 @@ class _LeaseCollector:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
+        spend = CounterMetricFamily(
+            "veil_budget_spend_usd", "Settled spend in USD.", labels=["team", "model"]
+        )
+        for (team, model), nanos in list(self.metrics.spend_nanos.items()):
+            spend.add_metric([team, model], nanos / NANO)
+        yield spend
         counts = self.metrics.lease_counts()
         calls = CounterMetricFamily(
             "veil_budget_lease_calls",

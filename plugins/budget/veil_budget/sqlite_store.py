@@ -37,7 +37,6 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -115,12 +114,11 @@ class StoreBusy(RuntimeError):
     """Another gateway process owns this SQLite store."""
 
 
-@dataclass(slots=True)
-class _Reservation:
-    amount: int
-    counters: tuple[str, ...]
-    tokens: dict[str, int]
-    deadline: float
+_Reservation = tuple[int, tuple[str, ...], dict[str, int], float]
+"""A reservation in memory: its amount, its counters' keys, what it took
+from each token bucket, and its deadline (``time.monotonic``)."""
+
+_new = tuple.__new__  # a NamedTuple without its Python-level __new__ (see stage.py)
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -205,7 +203,7 @@ class SqliteStore:
         return spent
 
     def _expire(self, now: float) -> None:
-        for rid in [r for r, res in self._pending.items() if res.deadline <= now]:
+        for rid in [r for r, res in self._pending.items() if res[3] <= now]:
             self._drop(rid, used=0)
 
     def _drop(self, rid: str, used: int | None) -> _Reservation | None:
@@ -214,11 +212,15 @@ class SqliteStore:
         res = self._pending.pop(rid, None)
         if res is None:
             return None
-        for key in res.counters:
-            self._reserved[key] -= res.amount
-            if not self._reserved[key]:
-                del self._reserved[key]
-        for key, took in res.tokens.items():
+        amount, counters, tokens, _ = res
+        reserved = self._reserved
+        for key in counters:
+            left = reserved[key] - amount
+            if left:
+                reserved[key] = left
+            else:
+                del reserved[key]
+        for key, took in tokens.items():
             bucket = self._buckets.get(key)
             if bucket is not None and used is not None:
                 back = took - used
@@ -274,11 +276,11 @@ class SqliteStore:
             left = state[0] = state[0] - take
             if take > 1:
                 tokens[key] = tokens.get(key, 0) + take
-            out[key] = BucketState(int(left), (capacity - left) * window_s / capacity)
+            out[key] = _new(BucketState, (int(left), (capacity - left) * window_s / capacity))
         for key in committed:
             reserved[key] = reserved.get(key, 0) + amount
-        pending[rid] = _Reservation(amount, tuple(committed), tokens, now + ttl_s)
-        return Granted(committed, out)
+        pending[rid] = (amount, tuple(committed), tokens, now + ttl_s)
+        return _new(Granted, (committed, out))
 
     async def settle(
         self, rid: str, cost: int, counters: list[str], tokens: int | None, usage: Usage

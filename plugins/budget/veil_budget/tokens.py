@@ -90,13 +90,19 @@ def prompt_token_bound(kind: str, body: dict[str, Any], image_tokens: int) -> in
     for message in body.get("messages") or ():
         if not isinstance(message, dict):
             continue
-        total += _PER_MESSAGE + _content_bound(message.get("content"), image_tokens)
-        name = message.get("name")
-        if isinstance(name, str):
-            total += _size(name)
-        for call in message.get("tool_calls") or ():
-            if isinstance(call, dict):
-                total += _PER_MESSAGE + _size(repr(call))
+        content = message.get("content")
+        if type(content) is str and content.isascii():  # the common case, inline
+            total += _PER_MESSAGE + len(content)
+        else:
+            total += _PER_MESSAGE + _content_bound(content, image_tokens)
+        if "name" in message:
+            name = message["name"]
+            if isinstance(name, str):
+                total += _size(name)
+        if "tool_calls" in message:
+            for call in message["tool_calls"] or ():
+                if isinstance(call, dict):
+                    total += _PER_MESSAGE + _size(repr(call))
     for key in ("tools", "functions", "response_format"):
         if body.get(key):
             total += _size(repr(body[key]))
