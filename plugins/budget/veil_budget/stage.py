@@ -272,8 +272,12 @@ class BudgetStage:
             _rate_headers(headers, buckets, result.buckets)
         if plan.applied:
             committed = result.committed
-            remaining = min(c.limit - committed[c.key] for c in plan.counters)
-            headers["x-veil-budget-remaining-usd"] = _usd(remaining)
+            remaining = None
+            for key, limit in plan.counters:
+                left = limit - committed[key]
+                if remaining is None or left < remaining:
+                    remaining = left
+            headers["x-veil-budget-remaining-usd"] = _usd(remaining or 0)
             if plan.soft:
                 self._soft(call, plan.soft, committed)
         # the call's one decision is made when it is settled or released
@@ -570,8 +574,12 @@ def _rate_headers(
     if len(buckets) == 2 and buckets[0][1] != buckets[1][1]:  # one rpm, one tpm: no choice
         for _, kind, bucket in buckets:
             state = states.get(bucket.key)
-            if state is not None:
-                _set_rate_headers(headers, kind, bucket.capacity, state)
+            if state is not None:  # _set_rate_headers, inline
+                limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
+                remaining, reset = state
+                headers[limit_name] = str(bucket.capacity)
+                headers[remaining_name] = str(remaining) if remaining > 0 else "0"
+                headers[reset_name] = _duration(reset)
         return
     tightest: dict[str, tuple[int, BucketState]] = {}
     for _, kind, bucket in buckets:
