@@ -130,7 +130,8 @@ class _Plan:
     """What applies to one caller during one minute (periods start on whole
     minutes), worked out once: its budgets and their counters (one per key,
     the smaller limit winning), per-call caps, soft limits and rate-limit
-    bucket shapes."""
+    buckets (``shapes``: each taking 1; a call takes its tokens from a copy
+    of a token bucket)."""
 
     minute: int
     applied: list[Applied]
@@ -138,7 +139,7 @@ class _Plan:
     keys: list[str]
     caps: list[tuple[Applied, int]]
     soft: list[Applied]
-    shapes: list[tuple[RateLimitRule, str, str, int, Bucket | None]]
+    shapes: list[tuple[RateLimitRule, str, Bucket]]
     tpm: bool
 
 
@@ -224,9 +225,9 @@ class BudgetStage:
             _set_output_cap(request, output)
             amount = _nanos(prompt, in_price, output * n, out_price)
         tokens = prompt + output * n
-        buckets = [
-            (rule, kind, bucket or _new(Bucket, (bkey, cap, tokens, 60.0)))
-            for rule, kind, bkey, cap, bucket in plan.shapes
+        buckets = [  # a request bucket takes 1: the plan's own; a token bucket, this call's
+            (rule, kind, b if kind == "requests" else _new(Bucket, (b[0], b[1], tokens, b[3])))
+            for rule, kind, b in plan.shapes
         ]
         if plan.tpm:
             for rule, _kind, bucket in buckets:
@@ -336,10 +337,7 @@ class BudgetStage:
         limits: dict[str, int] = {}
         for a in applied:
             limits[a.counter.key] = min(a.counter.limit, limits.get(a.counter.key, a.counter.limit))
-        shapes = [  # a request bucket is the same for every call: made once
-            (rule, kind, b.key, b.capacity, b if kind == "requests" else None)
-            for rule, kind, b in rate_buckets(self.settings.rate_limits, principal, 1)
-        ]
+        shapes = rate_buckets(self.settings.rate_limits, principal, 1)
         return _Plan(
             minute=minute,
             applied=applied,

@@ -12,7 +12,7 @@ import openai
 import pytest
 from piitest import PiiGateway
 
-from veil.testing import OTHER_KEY
+from veil.testing import ADMIN_KEY, OTHER_KEY
 
 ZOE = "Write to Zoe Young (zoe.young@acme.com, +44 20 7946 0958) about the renewal."
 CARD = ZOE + " Charge card 4111 1111 1111 1111."
@@ -331,15 +331,21 @@ def test_a_conversation_keeps_its_placeholders_across_calls(pii_gateway) -> None
     assert said(answer.choices[0].message.content) == "Say hi to Zoe Young and Liam Carter."
 
 
-def test_another_team_gets_nothing_from_a_conversation_id(pii_gateway) -> None:
+@pytest.mark.parametrize("key", [OTHER_KEY, ADMIN_KEY], ids=["other-team", "same-team"])
+def test_another_key_gets_nothing_from_a_conversation_id(pii_gateway, key: str) -> None:
+    # conversation ids are client-chosen: one guessed by another caller, even of
+    # the same team, must not restore this caller's values
     gw: PiiGateway = pii_gateway()
     headers = {"x-veil-conversation": "shared-id"}
     with gw.client(default_headers=headers) as client:
         client.chat.completions.create(model="mock-model", messages=user("I am Zoe Young."))
     gw.upstream.app.settings.reply = "Hello <PERSON_1>."
-    with gw.client(key=OTHER_KEY, default_headers=headers) as other:
+    with gw.client(key=key, default_headers=headers) as other:
         answer = other.chat.completions.create(model="mock-model", messages=user("who am I?"))
     assert said(answer.choices[0].message.content) == "Hello <PERSON_1>."
+    with gw.client(default_headers=headers) as client:  # the owner still has its table
+        answer = client.chat.completions.create(model="mock-model", messages=user("who am I?"))
+    assert said(answer.choices[0].message.content) == "Hello Zoe Young."
 
 
 # -- policy features -------------------------------------------------------------------

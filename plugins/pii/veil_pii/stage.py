@@ -9,7 +9,8 @@ Request path (``on_request``), for chat and embeddings calls:
 2. refuse with 400 ``pii_blocked`` if a type the policy blocks was found,
    naming the types, never the values;
 3. give each value to redact a placeholder: from a per-call table, or with
-   ``x-veil-conversation`` from the team's conversation table in the vault;
+   ``x-veil-conversation`` from the caller's conversation table in the
+   vault (scoped to the API key and its team, :func:`conversation_scope`);
    values already in the table are also replaced where the detector missed
    them (a name found in turn 1 is still redacted in turn 5);
 4. rewrite the texts: ``<PERSON_1>`` for ``redact``, ``<PERSON>`` for ``mask``.
@@ -37,11 +38,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+import orjson
 import structlog
 
 from veil import BadRequest, Call, GatewayError
 from veil import Unavailable as VeilUnavailable
-from veil.types import Chunk
+from veil.types import Chunk, Principal
 
 from .analysis import AnalysisPool, AnalysisUnavailable
 from .detector import Finding
@@ -59,7 +61,7 @@ from .vault import TamperedRecord, Vault, build_vault, load_key
 
 log = structlog.get_logger("veil.pii")
 
-__all__ = ["CONVERSATION_HEADER", "HEADER", "PiiStage", "Unavailable"]
+__all__ = ["CONVERSATION_HEADER", "HEADER", "PiiStage", "Unavailable", "conversation_scope"]
 
 CONVERSATION_HEADER = "x-veil-conversation"
 """Request header naming a conversation whose placeholders persist across calls."""
@@ -84,6 +86,17 @@ def _value_pattern(value: str) -> re.Pattern[str]:
     whitespace). Cached: a conversation's values recur every turn."""
     body = r"\s+".join(re.escape(w) for w in value.split())
     return re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)
+
+
+def conversation_scope(principal: Principal) -> str:
+    """Whose conversation tables a caller reaches: its team and API key.
+
+    Conversation ids are chosen by clients and may be guessed, so a table is
+    never shared beyond the key that made it: another key, even of the same
+    team, that sends the same ``x-veil-conversation`` gets an empty table,
+    and placeholders it sends are not restored to this key's values. (JSON,
+    so that no pair of ids can spell another pair's scope.)"""
+    return orjson.dumps([principal.team, principal.key_id]).decode()
 
 
 class Unavailable(VeilUnavailable):
@@ -200,7 +213,9 @@ class PiiStage:
         ]
         if conversation is not None:
             try:
-                table = await self._vault().assign(call.principal.team, conversation, items)
+                table = await self._vault().assign(
+                    conversation_scope(call.principal), conversation, items
+                )
             except Exception as e:  # noqa: BLE001 - any vault failure refuses the call
                 call.decide(self.name, "unavailable", reason=f"vault: {type(e).__name__}")
                 raise Unavailable(

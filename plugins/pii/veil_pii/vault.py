@@ -20,7 +20,9 @@ Guarantees:
 - **Scoped to the team.** The record's name and every sealed value's
   associated data include the team: another team using the same
   conversation id reaches a different, empty record, and a record copied
-  under another team's (or conversation's) name does not open there.
+  under another team's (or conversation's) name does not open there. (The
+  ``team`` the stage passes is the caller's scope, its team and API key:
+  :func:`veil_pii.stage.conversation_scope`.)
 - **Consistent.** :meth:`Vault.assign` is atomic: concurrent calls of one
   conversation, on one replica or many, never give one placeholder to two
   values nor two placeholders to one value; numbers of a type are 1..k.
