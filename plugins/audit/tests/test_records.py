@@ -164,6 +164,28 @@ def test_a_call_refused_by_an_earlier_stage_is_recorded(
     assert 'veil_audit_budget_refusals_total{reason="budget",team="test"} 1.0' in _metrics(gw)
 
 
+def test_a_call_larger_than_a_tokens_per_minute_limit_is_recorded_as_refused(
+    audit_gateway: Callable[..., AuditGateway], tmp_path: Any
+) -> None:
+    veil_budget = pytest.importorskip("veil_budget", reason="veil-budget is not installed")
+    gw = audit_gateway(
+        pipeline=["budget"],
+        plugins={"budget": veil_budget},
+        sections={
+            "budget": {
+                "sqlite_path": str(tmp_path / "budget.sqlite3"),
+                "rate_limits": [{"scope": "team", "tpm": 1000}],
+            }
+        },
+    )
+    with pytest.raises(openai.RateLimitError):
+        _chat(gw, "req-tpm", max_tokens=5000)  # alone more than the minute's tokens
+    r = _one(gw, "req-tpm")
+    assert r["status"] == 429 and r["error"]["code"] == "rate_limit_exceeded"
+    assert r["budget"] == {"action": "refused", "reason": "rate"}
+    assert 'veil_audit_budget_refusals_total{reason="rate",team="test"} 1.0' in _metrics(gw)
+
+
 def test_a_settled_budget_is_in_the_record(
     audit_gateway: Callable[..., AuditGateway], tmp_path: Any
 ) -> None:

@@ -233,6 +233,7 @@ class BudgetStage:
             for rule, _kind, bucket in buckets:
                 if bucket.take > bucket.capacity:
                     self._count("refused", "rate")
+                    call.decide(self.name, "refused", reason="rate", limit=bucket.key)
                     raise Refused(
                         f"this call may use up to {bucket.take} tokens, more than the "
                         f"{rule.scope} limit of {bucket.capacity} tokens per minute; lower "
