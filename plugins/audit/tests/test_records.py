@@ -140,19 +140,26 @@ def test_failover_and_an_upstream_failure_after_failover_are_recorded(
         assert 'veil_audit_failovers_total{model="mock-model",team="test"} 2.0' in _metrics(gw)
 
 
-def test_a_call_refused_by_an_earlier_stage_is_recorded(
-    audit_gateway: Callable[..., AuditGateway], tmp_path: Any
-) -> None:
+def _with_budget(
+    audit_gateway: Callable[..., AuditGateway], tmp_path: Any, **section: Any
+) -> tuple[AuditGateway, Any]:
+    """An audit gateway behind the real veil-budget (SQLite under ``tmp_path``,
+    ``section`` added to its policy section), and the veil_budget module;
+    the test is skipped when veil-budget is not installed."""
     veil_budget = pytest.importorskip("veil_budget", reason="veil-budget is not installed")
     gw = audit_gateway(
         pipeline=["budget"],
         plugins={"budget": veil_budget},
-        sections={
-            "budget": {
-                "sqlite_path": str(tmp_path / "budget.sqlite3"),
-                "budgets": [{"scope": "team", "period": "day", "limit_usd": 0.000001}],
-            }
-        },
+        sections={"budget": {"sqlite_path": str(tmp_path / "budget.sqlite3"), **section}},
+    )
+    return gw, veil_budget
+
+
+def test_a_call_refused_by_an_earlier_stage_is_recorded(
+    audit_gateway: Callable[..., AuditGateway], tmp_path: Any
+) -> None:
+    gw, veil_budget = _with_budget(
+        audit_gateway, tmp_path, budgets=[{"scope": "team", "period": "day", "limit_usd": 0.000001}]
     )
     with pytest.raises(openai.RateLimitError):
         _chat(gw, "req-budget", max_tokens=100)
@@ -167,17 +174,7 @@ def test_a_call_refused_by_an_earlier_stage_is_recorded(
 def test_a_call_larger_than_a_tokens_per_minute_limit_is_recorded_as_refused(
     audit_gateway: Callable[..., AuditGateway], tmp_path: Any
 ) -> None:
-    veil_budget = pytest.importorskip("veil_budget", reason="veil-budget is not installed")
-    gw = audit_gateway(
-        pipeline=["budget"],
-        plugins={"budget": veil_budget},
-        sections={
-            "budget": {
-                "sqlite_path": str(tmp_path / "budget.sqlite3"),
-                "rate_limits": [{"scope": "team", "tpm": 1000}],
-            }
-        },
-    )
+    gw, _ = _with_budget(audit_gateway, tmp_path, rate_limits=[{"scope": "team", "tpm": 1000}])
     with pytest.raises(openai.RateLimitError):
         _chat(gw, "req-tpm", max_tokens=5000)  # alone more than the minute's tokens
     r = _one(gw, "req-tpm")
@@ -189,16 +186,8 @@ def test_a_call_larger_than_a_tokens_per_minute_limit_is_recorded_as_refused(
 def test_a_settled_budget_is_in_the_record(
     audit_gateway: Callable[..., AuditGateway], tmp_path: Any
 ) -> None:
-    veil_budget = pytest.importorskip("veil_budget", reason="veil-budget is not installed")
-    gw = audit_gateway(
-        pipeline=["budget"],
-        plugins={"budget": veil_budget},
-        sections={
-            "budget": {
-                "sqlite_path": str(tmp_path / "budget.sqlite3"),
-                "budgets": [{"scope": "team", "period": "day", "limit_usd": 100}],
-            }
-        },
+    gw, _ = _with_budget(
+        audit_gateway, tmp_path, budgets=[{"scope": "team", "period": "day", "limit_usd": 100}]
     )
     _chat(gw, "req-settled")
     r = _one(gw, "req-settled")

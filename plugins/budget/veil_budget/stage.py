@@ -573,12 +573,8 @@ def _rate_headers(
     if len(buckets) == 2 and buckets[0][1] != buckets[1][1]:  # one rpm, one tpm: no choice
         for _, kind, bucket in buckets:
             state = states.get(bucket.key)
-            if state is not None:  # _set_rate_headers, inline
-                limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
-                remaining, reset = state
-                headers[limit_name] = str(bucket.capacity)
-                headers[remaining_name] = str(remaining) if remaining > 0 else "0"
-                headers[reset_name] = _duration(reset)
+            if state is not None:
+                _set_rate_headers(headers, kind, bucket.capacity, state)
         return
     tightest: dict[str, tuple[int, BucketState]] = {}
     for _, kind, bucket in buckets:
