@@ -123,6 +123,48 @@ def test_a_budget_near_its_limit_is_never_leased(url: str) -> None:
     assert spent == {TEAM: (0, 50 * CALL)}
 
 
+def test_a_call_redis_refuses_is_served_from_a_lease_granted_meanwhile(url: str) -> None:
+    # room for 7 calls: the first goes to Redis and asks for a lease, which
+    # gets half the room left (headroom 2): 3 calls; the next seven, sent
+    # before the lease came back, go to Redis: 3 fit there, and 3 of the 4 it
+    # refuses fit in this replica's own lease, so the budget is used to the end
+    counters = [Counter(TEAM, 7 * CALL)]
+
+    async def main() -> tuple[list[Any], Any, Any]:
+        async with leasing(url, lease_headroom=2) as s:
+            assert s.leases is not None
+            await s.reserve("first", CALL, counters, [], 30)
+            results = await asyncio.gather(
+                *(s.reserve(f"r{i}", CALL, counters, [], 30) for i in range(7))
+            )
+            return results, s.leases.served, await s.spent([TEAM])
+
+    results, from_lease, spent = run(main())
+    assert sum(isinstance(r, Granted) for r in results) == 6
+    assert [r.kind for r in results if isinstance(r, Denied)] == ["budget"]
+    assert from_lease == 3
+    assert spent == {TEAM: (0, 7 * CALL)}
+
+
+def test_a_lease_remnant_smaller_than_a_call_goes_back_before_the_call(url: str) -> None:
+    # room for 6 calls: the lease gets half the room left after the first
+    # (2.5 calls); the half call it keeps once two calls used it must not keep
+    # the last call that fits from being served
+    counters = [Counter(TEAM, 6 * CALL)]
+
+    async def main() -> tuple[list[Any], Any]:
+        async with leasing(url, lease_headroom=2) as s:
+            await first_lease(s, counters)
+            results = []
+            for i in range(7):
+                results.append(await s.reserve(f"r{i}", CALL, counters, [], 30))
+            return results, await s.spent([TEAM])
+
+    results, spent = run(main())
+    assert [isinstance(r, Granted) for r in results] == [True] * 5 + [False] * 2
+    assert spent == {TEAM: (CALL, 5 * CALL)}
+
+
 def test_two_leasing_replicas_hold_the_limit_and_use_all_of_it(url: str) -> None:
     limit = 2_000 * CALL  # leases while there is room for 80 calls, exact after that
     counters = [Counter(TEAM, limit)]

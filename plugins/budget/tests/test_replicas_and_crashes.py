@@ -87,7 +87,10 @@ def test_two_replicas_sharing_redis_hold_the_limit_together(
 ) -> None:
     fixed_usage(mock_upstream)
     mock_upstream.app.settings.latency_ms = 20  # calls overlap across the replicas
-    policy = budget_policy(store="redis", budgets=[_team_budget(FIT * CALL_USD)])
+    # every call checked in Redis on its own: exact within one burst (with
+    # leases, what one replica's lease holds when its burst ends waits for
+    # the lease to come back: the next test)
+    policy = budget_policy(store="redis", budgets=[_team_budget(FIT * CALL_USD)], lease_calls=0)
     with redis_replicas(policy, policy_kit, redis_server, tmp_path) as replicas:
 
         async def both() -> list[object]:

@@ -26,7 +26,13 @@ less than two calls' worth, Redis refuses it, the replica gives back what it
 holds, and its calls go back to one exact check-and-reserve each (for a
 second, then it asks again). So the leases keep at most ``1 / lease_headroom``
 of a budget's room (as it was when they were last topped up) away from the
-calls that go to Redis, and a budget is filled exactly at the end.
+calls that go to Redis. Within one replica nothing of it is lost: a call
+Redis refuses is served from the replica's lease when that covers it (a lease
+granted while the call was on its way), and a remnant too small for the next
+call goes back ahead of that call's reserve. Another replica's lease comes
+back when its calls run it dry or after ``idle_s`` without calls: until then,
+calls elsewhere may be refused with that much room left (never more than the
+budget is spent).
 
 A lease starts at ``lease_calls`` calls and doubles, up to 16 times that, each
 time a call finds it dry (more calls in flight than it was sized for).
@@ -190,9 +196,42 @@ class Leases:
             self.missed += 1
             if short and lease.calls < self.lease_calls * _MAX_GROWTH:
                 lease.calls *= 2  # more calls in flight than it was sized for
+            if 0 < lease.held < amount:
+                # a remnant no call of this kind fits in: give it back first
+                # (it goes ahead of this call's reserve), or near a limit it
+                # would keep room from the very call that needs it
+                self._give(lease, lease.held)
+                lease.held = 0
             if not lease.busy:  # run dry, or not kept alive: top it up
                 self._grow(lease, amount, buckets)
             return None
+        return self._serve(lease, now, rid, amount, buckets)
+
+    def retake(
+        self, rid: str, amount: int, shape: Shape, buckets: dict[str, Bucket]
+    ) -> Granted | None:
+        """Reserve a call Redis refused from the lease on ``shape`` if it now
+        covers the call: a lease granted while the call was on its way holds
+        room of this replica that the call may use. ``None`` (and nothing
+        changed) otherwise."""
+        lease = self._by_shape.get(shape)
+        if lease is None:
+            return None
+        now = time.monotonic()
+        tokens = lease.tokens
+        if (
+            lease.held < amount
+            or any(tokens[key] < b.take for key, b in buckets.items())
+            or lease.deadline - now < self.min_life
+        ):
+            return None
+        return self._serve(lease, now, rid, amount, buckets)
+
+    def _serve(
+        self, lease: Lease, now: float, rid: str, amount: int, buckets: dict[str, Bucket]
+    ) -> Granted:
+        """Reserve ``amount`` and the buckets' takes from ``lease``, which covers them."""
+        tokens = lease.tokens
         lease.held -= amount
         takes = []
         for key, b in buckets.items():

@@ -633,6 +633,10 @@ class RedisStore:
             ]
         )
         reply: Any = await self._batch.submit(op)
+        if reply[0] != "ok" and leases is not None:
+            granted = leases.retake(rid, amount, shape, merged)
+            if granted is not None:
+                return granted
         if reply[0] == "budget":
             key = list(limits)[int(reply[1]) - 1]
             return Denied("budget", key, None, int(reply[2]) + int(reply[3]))
