@@ -146,6 +146,28 @@ def test_a_call_redis_refuses_is_served_from_a_lease_granted_meanwhile(url: str)
     assert spent == {TEAM: (0, 7 * CALL)}
 
 
+def test_a_lease_remnant_goes_back_for_a_call_redis_refused(url: str) -> None:
+    # room for 6 calls: the lease granted after the first gets 2.5 calls; of
+    # the seven calls sent before it came back, Redis takes 2 and refuses 5; 2
+    # of those are served from the lease, and the half call left in it goes
+    # back so that, with the half call left in Redis, one more fits
+    counters = [Counter(TEAM, 6 * CALL)]
+
+    async def main() -> tuple[list[Any], Any, Any]:
+        async with leasing(url, lease_headroom=2) as s:
+            assert s.leases is not None
+            await s.reserve("first", CALL, counters, [], 30)
+            results = await asyncio.gather(
+                *(s.reserve(f"r{i}", CALL, counters, [], 30) for i in range(7))
+            )
+            return results, s.leases.served, await s.spent([TEAM])
+
+    results, from_lease, spent = run(main())
+    assert sum(isinstance(r, Granted) for r in results) == 5
+    assert from_lease == 2
+    assert spent == {TEAM: (0, 6 * CALL)}
+
+
 def test_a_lease_remnant_smaller_than_a_call_goes_back_before_the_call(url: str) -> None:
     # room for 6 calls: the lease gets half the room left after the first
     # (2.5 calls); the half call it keeps once two calls used it must not keep

@@ -28,8 +28,9 @@ second, then it asks again). So the leases keep at most ``1 / lease_headroom``
 of a budget's room (as it was when they were last topped up) away from the
 calls that go to Redis. Within one replica nothing of it is lost: a call
 Redis refuses is served from the replica's lease when that covers it (a lease
-granted while the call was on its way), and a remnant too small for the next
-call goes back ahead of that call's reserve. Another replica's lease comes
+granted while the call was on its way), and a remnant too small for a call
+goes back ahead of that call's reserve (or, when Redis refused the call,
+before it is checked again). Another replica's lease comes
 back when its calls run it dry or after ``idle_s`` without calls: until then,
 calls elsewhere may be refused with that much room left (never more than the
 budget is spent).
@@ -196,12 +197,7 @@ class Leases:
             self.missed += 1
             if short and lease.calls < self.lease_calls * _MAX_GROWTH:
                 lease.calls *= 2  # more calls in flight than it was sized for
-            if 0 < lease.held < amount:
-                # a remnant no call of this kind fits in: give it back first
-                # (it goes ahead of this call's reserve), or near a limit it
-                # would keep room from the very call that needs it
-                self._give(lease, lease.held)
-                lease.held = 0
+            self._shed(lease, amount)  # goes ahead of this call's reserve in Redis
             if not lease.busy:  # run dry, or not kept alive: top it up
                 self._grow(lease, amount, buckets)
             return None
@@ -226,6 +222,23 @@ class Leases:
         ):
             return None
         return self._serve(lease, now, rid, amount, buckets)
+
+    def shed(self, shape: Shape, amount: int) -> bool:
+        """Give back what the lease on ``shape`` holds if that is less than
+        ``amount`` (a call Redis refused: the remnant may be the room it
+        needs); ``True`` if something went back (ahead of the next
+        operation this replica sends)."""
+        lease = self._by_shape.get(shape)
+        return lease is not None and self._shed(lease, amount)
+
+    def _shed(self, lease: Lease, amount: int) -> bool:
+        """Give back a remnant of ``lease`` too small for a call of ``amount``:
+        near a limit it would keep room from the very call that needs it."""
+        if not 0 < lease.held < amount:
+            return False
+        self._give(lease, lease.held)
+        lease.held = 0
+        return True
 
     def _serve(
         self, lease: Lease, now: float, rid: str, amount: int, buckets: dict[str, Bucket]

@@ -634,9 +634,14 @@ class RedisStore:
         )
         reply: Any = await self._batch.submit(op)
         if reply[0] != "ok" and leases is not None:
+            # room of this replica's lease: granted while the call was on its
+            # way (it covers the call), or a remnant too small for it (it goes
+            # back, and the call is checked again)
             granted = leases.retake(rid, amount, shape, merged)
             if granted is not None:
                 return granted
+            if reply[0] == "budget" and leases.shed(shape, amount):
+                reply = await self._batch.submit(op)
         if reply[0] == "budget":
             key = list(limits)[int(reply[1]) - 1]
             return Denied("budget", key, None, int(reply[2]) + int(reply[3]))
