@@ -162,6 +162,10 @@ def test_policy_section_errors_are_clear() -> None:
         PiiSettings.model_validate({"actions": {"FOO": "block"}})
     with pytest.raises(ValueError, match="capitals"):
         PiiSettings.model_validate({"entities": ["person"]})
+    with pytest.raises(ValueError, match="unscanned_parts: 'Image URL' is not a content part"):
+        PiiSettings.model_validate({"unscanned_parts": ["Image URL"]})
+    with pytest.raises(ValueError, match="'text' parts are text and always scanned"):
+        PiiSettings.model_validate({"unscanned_parts": ["text"]})
 
 
 # -- the command line ---------------------------------------------------------------

@@ -279,6 +279,76 @@ def test_token_id_embeddings_are_refused_and_text_embeddings_redacted(pii_gatewa
     assert body["input"][1] == "nothing personal"
 
 
+def test_a_predicted_output_and_refusal_parts_are_redacted(pii_gateway) -> None:
+    # Predicted Outputs send a draft upstream (a document being edited); it is
+    # text like any message, as are the refusal parts of an assistant message
+    gw: PiiGateway = pii_gateway()
+    messages = [
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "Not for Zoe Young."}]},
+        {"role": "user", "content": "Fix the typos in the draft."},
+    ]
+    with gw.client() as client:
+        for content in (ZOE, [{"type": "text", "text": ZOE}]):
+            client.chat.completions.create(
+                model="mock-model",
+                messages=messages,
+                prediction={"type": "content", "content": content},
+            )
+    plain, parts = gw.received
+    assert plain["prediction"]["content"].startswith("Write to <PERSON_1> (<EMAIL_ADDRESS_1>")
+    assert parts["prediction"]["content"][0]["text"] == plain["prediction"]["content"]
+    assert plain["messages"][0]["content"][0]["refusal"] == "Not for <PERSON_1>."
+    assert "Zoe" not in gw.received_text() and "zoe.young" not in gw.received_text()
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+def test_a_part_that_cannot_be_scanned_is_refused(pii_gateway) -> None:
+    # an image (a scanned ID card), audio or a file cannot be checked for
+    # personal data: the call is refused, naming the part and the setting
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+    strict: PiiGateway = pii_gateway()
+    with strict.client() as client:
+        for part, kind in ((IMAGE, "image_url"), (audio, "input_audio"), ({"type": "3D"}, None)):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(
+                    model="mock-model",
+                    messages=[{"role": "user", "content": [{"type": "text", "text": ZOE}, part]}],
+                )
+            assert e.value.body["code"] == "pii_unscannable"
+            assert e.value.body["param"] == "messages[0].content[1]"
+            if kind is not None:
+                assert f'unscanned_parts = ["{kind}"]' in e.value.body["message"]
+            else:
+                assert "3D" not in e.value.body["message"]  # the client's own type is not echoed
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(
+                model="mock-model",
+                messages=user("Fix the draft."),
+                prediction={"type": "content", "content": [IMAGE]},
+            )
+        assert e.value.body["param"] == "prediction.content[0]"
+    assert strict.upstream_requests == 0
+
+
+def test_a_part_type_the_policy_lets_pass_goes_unscanned(pii_gateway) -> None:
+    message = {"role": "user", "content": [{"type": "text", "text": ZOE}, IMAGE]}
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+    lenient: PiiGateway = pii_gateway(unscanned_parts=["image_url"])
+    with lenient.client() as client:
+        client.chat.completions.create(model="mock-model", messages=[message])
+        with pytest.raises(openai.BadRequestError):  # audio is still refused
+            client.chat.completions.create(
+                model="mock-model",
+                messages=[{"role": "user", "content": [audio]}],
+            )
+    (body,) = lenient.received
+    text, image = body["messages"][0]["content"]
+    assert text["text"].startswith("Write to <PERSON_1>")
+    assert image == IMAGE
+
+
 def test_a_bad_conversation_header_is_refused(pii_gateway) -> None:
     gw: PiiGateway = pii_gateway()
     headers = {"x-veil-conversation": "x" * 300}

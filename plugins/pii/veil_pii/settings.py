@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .placeholders import ENTITY_TYPE
 
+PART_TYPE = re.compile(r"[a-z][a-z_]{0,31}")
+"""What a content part type named in ``unscanned_parts`` may look like."""
+
 __all__ = [
     "Action",
     "ConversationSettings",
@@ -133,6 +136,9 @@ class PiiSettings(BaseModel):
         refused with 503 (back-pressure instead of unbounded queues).
     :param cache_size: analysed texts remembered (by keyed hash, offsets only),
         so a conversation's history is not analysed again every turn.
+    :param unscanned_parts: content part types (``image_url``, ``input_audio``,
+        ``file``, ...) sent upstream without a scan; a request with any other
+        part that holds no text is refused (400 ``pii_unscannable``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -150,6 +156,7 @@ class PiiSettings(BaseModel):
     workers: int = Field(2, ge=1, le=64)
     max_pending: int = Field(256, ge=1)
     cache_size: int = Field(20_000, ge=0)
+    unscanned_parts: frozenset[str] = frozenset()
     conversations: ConversationSettings = ConversationSettings()
 
     @field_validator("entities")
@@ -159,6 +166,19 @@ class PiiSettings(BaseModel):
             if not ENTITY_TYPE.fullmatch(value):
                 raise ValueError(f"entity {value!r} must be capitals, digits and underscores")
         return tuple(dict.fromkeys(values))
+
+    @field_validator("unscanned_parts")
+    @classmethod
+    def _part_types(cls, values: frozenset[str]) -> frozenset[str]:
+        for value in values:
+            if not PART_TYPE.fullmatch(value):
+                raise ValueError(
+                    f"unscanned_parts: {value!r} is not a content part type "
+                    "(lower-case letters and underscores, e.g. image_url)"
+                )
+            if value in ("text", "refusal"):
+                raise ValueError(f"unscanned_parts: {value!r} parts are text and always scanned")
+        return values
 
     @model_validator(mode="after")
     def _actions_name_known_types(self) -> PiiSettings:

@@ -2,7 +2,10 @@
 
 Request path (``on_request``), for chat and embeddings calls:
 
-1. find every text slot (:mod:`veil_pii.texts`) and analyse the texts off
+1. find every text slot (:mod:`veil_pii.texts`); refuse with 400
+   ``pii_unscannable`` a content part that holds no text (an image, audio,
+   a file) unless the policy's ``unscanned_parts`` lets its type pass, and
+   token-id embeddings input; analyse the texts off
    the event loop (:class:`~veil_pii.analysis.AnalysisPool`); if analysis
    cannot run, refuse with 503 ``pii_unavailable`` (the upstream is never
    called);
@@ -55,7 +58,7 @@ from .restore import (
     restore_spans,
     restore_text,
 )
-from .settings import PiiSettings
+from .settings import PART_TYPE, PiiSettings
 from .texts import TextSlots, Unscannable, chat_texts, embedding_texts
 from .vault import TamperedRecord, Vault, build_vault, load_key
 
@@ -190,10 +193,13 @@ class PiiStage:
         """
         if call.kind == "chat":
             slots = chat_texts(call.request)
+            if slots.unscanned:
+                self._refuse_unscanned(call, slots)
         elif call.kind == "embeddings":
             try:
                 slots = embedding_texts(call.request)
             except Unscannable as e:
+                call.decide(self.name, "unscannable", part="tokens")
                 raise BadRequest(str(e), code="pii_unscannable", param="input") from None
         else:
             return
@@ -259,6 +265,30 @@ class PiiStage:
                 code="invalid_conversation",
             )
         return value
+
+    def _refuse_unscanned(self, call: Call, slots: TextSlots) -> None:
+        """Refuse a request with a content part that holds no text (an image,
+        audio, a file) unless the policy lets its type pass unscanned."""
+        allowed = self.settings.unscanned_parts
+        for where, kind in slots.unscanned:
+            if kind in allowed:
+                continue
+            # the type is the client's string: named only when it is a plain one
+            plain = isinstance(kind, str) and PART_TYPE.fullmatch(kind) is not None
+            call.decide(self.name, "unscannable", part=kind if plain else "other")
+            what = f"a '{kind}' part" if plain else "a content part of an unknown type"
+            fix = (
+                ", or let the policy pass such parts unscanned "
+                f'([pii] unscanned_parts = ["{kind}"])'
+                if plain
+                else ""
+            )
+            raise BadRequest(
+                f"{where} is {what}, which cannot be scanned for personal data, so the request "
+                f"was not forwarded; send its content as text{fix}",
+                code="pii_unscannable",
+                param=where,
+            )
 
     def _refuse_blocked(self, call: Call, findings: Sequence[Sequence[Finding]]) -> None:
         blocked: dict[str, int] = {}

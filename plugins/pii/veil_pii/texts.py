@@ -3,8 +3,11 @@
 :func:`chat_texts` finds every string of an OpenAI chat request that may
 carry personal data: message ``content`` (strings and ``text`` parts) of
 every role, participant ``name``, assistant ``tool_calls`` and
-``function_call`` arguments, ``refusal``, and the top-level ``user`` and
-``metadata`` values. Tool
+``function_call`` arguments, ``refusal`` (a message's, and ``refusal``
+parts), the predicted output (``prediction.content``), and the top-level
+``user`` and ``metadata`` values. Content parts that hold no text (images,
+audio, files, or any other type) cannot be scanned: they are listed in
+:attr:`TextSlots.unscanned`, for the caller to refuse or let pass. Tool
 call arguments are JSON documents in a string: their string values are
 slots of their own, and the document is written back as valid JSON (only
 when a value changed, so untouched arguments keep their exact bytes). Tool
@@ -16,7 +19,7 @@ results (``role: tool``) that hold JSON are treated the same way.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, MutableMapping, MutableSequence
+from collections.abc import Iterator, MutableMapping, MutableSequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +54,9 @@ class TextSlots:
 
     slots: list[Slot] = field(default_factory=list)
     _documents: list[tuple[Slot, Any, str]] = field(default_factory=list)
+    unscanned: list[tuple[str, Any]] = field(default_factory=list)
+    """Content parts that hold no text to scan: (where, e.g.
+    ``messages[0].content[1]``, and the part's ``type`` as sent)."""
 
     def add(self, container: Any, key: Any) -> None:
         if isinstance(container[key], str) and container[key]:
@@ -103,18 +109,27 @@ def _json_strings(holder: Any, key: Any) -> Iterator[tuple[Any, Any]]:
             yield from _json_strings(value, i)
 
 
-def _parts(content: Any, add: Callable[[Any, Any], None]) -> None:
-    if isinstance(content, list):
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "text":
-                add(part, "text")
+def _parts(found: TextSlots, content: Any, where: str, i: int | None = None) -> None:
+    """The text of ``text`` and ``refusal`` parts; every other part is
+    unscanned (at ``where``, formatted with ``i`` when given)."""
+    if not isinstance(content, list):
+        return
+    for j, part in enumerate(content):
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        key = "text" if kind == "text" else "refusal" if kind == "refusal" else None
+        if key is None:
+            found.unscanned.append(((where % i if i is not None else where) + f"[{j}]", kind))
+        elif isinstance(part.get(key), str):
+            found.add(part, key)
 
 
 def chat_texts(request: dict[str, Any]) -> TextSlots:
     """The slots of a chat completion request (see the module doc)."""
     found = TextSlots()
     messages = request.get("messages")
-    for message in messages if isinstance(messages, list) else ():
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
         if not isinstance(message, dict):
             continue
         content = message.get("content")
@@ -124,7 +139,7 @@ def chat_texts(request: dict[str, Any]) -> TextSlots:
             else:
                 found.add(message, "content")
         else:
-            _parts(content, found.add)
+            _parts(found, content, "messages[%d].content", i)
         for key in ("name", "refusal"):
             if isinstance(message.get(key), str):
                 found.add(message, key)
@@ -135,6 +150,12 @@ def chat_texts(request: dict[str, Any]) -> TextSlots:
         function_call = message.get("function_call")
         if isinstance(function_call, dict):
             found.add_json(function_call, "arguments")
+    prediction = request.get("prediction")
+    if isinstance(prediction, dict):
+        if isinstance(prediction.get("content"), str):
+            found.add(prediction, "content")
+        else:
+            _parts(found, prediction.get("content"), "prediction.content")
     if isinstance(request.get("user"), str):
         found.add(request, "user")
     metadata = request.get("metadata")
