@@ -301,6 +301,38 @@ def test_a_predicted_output_and_refusal_parts_are_redacted(pii_gateway) -> None:
     assert "Zoe" not in gw.received_text() and "zoe.young" not in gw.received_text()
 
 
+def test_every_field_that_may_carry_text_is_scanned_including_unknown_ones(pii_gateway) -> None:
+    # stop sequences, ids, and a parameter veil does not know (one added to the
+    # API later) are text the upstream sees; tool definitions are the
+    # application's own and pass as written
+    gw: PiiGateway = pii_gateway()
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "send", "description": "Send a mail.", "parameters": {}},
+        }
+    ]
+    with gw.client() as client:
+        client.chat.completions.create(
+            model="mock-model",
+            messages=user("Hello"),
+            stop=["Zoe Young:"],
+            tools=tools,
+            extra_body={
+                "safety_identifier": "zoe.young@acme.com",
+                "future_parameter": {"notes": [ZOE]},
+                "prediction": {"type": "content", "content": {"draft": ZOE}},
+            },
+        )
+    (body,) = gw.received
+    assert body["stop"] == ["<PERSON_1>:"]
+    assert body["safety_identifier"] == "<EMAIL_ADDRESS_1>"
+    assert body["future_parameter"]["notes"][0].startswith("Write to <PERSON_1> (<EMAIL_ADDRESS_1>")
+    assert body["prediction"]["content"]["draft"] == body["future_parameter"]["notes"][0]
+    assert body["tools"] == tools
+    assert "Zoe" not in gw.received_text() and "zoe.young" not in gw.received_text()
+
+
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
 
 

@@ -4,8 +4,10 @@
 carry personal data: message ``content`` (strings and ``text`` parts) of
 every role, participant ``name``, assistant ``tool_calls`` and
 ``function_call`` arguments, ``refusal`` (a message's, and ``refusal``
-parts), the predicted output (``prediction.content``), and the top-level
-``user`` and ``metadata`` values. Content parts that hold no text (images,
+parts), the predicted output (``prediction.content``), and the strings of
+every other field but those that carry no free text (:data:`_CHAT_NOT_TEXT`:
+numbers, enums, ids, tool and schema definitions), so ``user``, ``metadata``,
+``stop`` and fields veil does not know are scanned too. Content parts that hold no text (images,
 audio, files, or any other type) cannot be scanned: they are listed in
 :attr:`TextSlots.unscanned`, for the caller to refuse or let pass. Tool
 call arguments are JSON documents in a string: their string values are
@@ -13,7 +15,8 @@ slots of their own, and the document is written back as valid JSON (only
 when a value changed, so untouched arguments keep their exact bytes). Tool
 results (``role: tool``) that hold JSON are treated the same way.
 
-:func:`embedding_texts` does the same for an embeddings request's ``input``.
+:func:`embedding_texts` does the same for an embeddings request's ``input``
+(and its other fields but ``model``, ``encoding_format`` and ``dimensions``).
 """
 
 from __future__ import annotations
@@ -150,23 +153,70 @@ def chat_texts(request: dict[str, Any]) -> TextSlots:
         function_call = message.get("function_call")
         if isinstance(function_call, dict):
             found.add_json(function_call, "arguments")
+    skip = _CHAT_NOT_TEXT
     prediction = request.get("prediction")
-    if isinstance(prediction, dict):
-        if isinstance(prediction.get("content"), str):
-            found.add(prediction, "content")
-        else:
-            _parts(found, prediction.get("content"), "prediction.content")
-    if isinstance(request.get("user"), str):
-        found.add(request, "user")
-    metadata = request.get("metadata")
-    if isinstance(metadata, dict):
-        for key in list(metadata):
-            found.add(metadata, key)
+    if isinstance(prediction, dict) and isinstance(prediction.get("content"), list):
+        _parts(found, prediction["content"], "prediction.content")
+        _other_fields(found, prediction, _CONTENT)
+        skip = _CHAT_NOT_TEXT_NOR_PREDICTION
+    _other_fields(found, request, skip)  # each string once: a slot is rewritten once
     return found
 
 
+_CHAT_NOT_TEXT = frozenset(
+    {
+        "messages",  # scanned above
+        "model",
+        "audio",
+        "frequency_penalty",
+        "function_call",
+        "functions",
+        "logit_bias",
+        "logprobs",
+        "max_completion_tokens",
+        "max_tokens",
+        "modalities",
+        "n",
+        "parallel_tool_calls",
+        "presence_penalty",
+        "reasoning_effort",
+        "response_format",
+        "seed",
+        "service_tier",
+        "store",
+        "stream",
+        "stream_options",
+        "temperature",
+        "tool_choice",
+        "tools",
+        "top_logprobs",
+        "top_p",
+        "verbosity",
+    }
+)
+"""Chat request fields that carry no free text: numbers, enums, ids, and the
+tool and schema definitions the application's developers wrote. Every other
+field's strings are scanned: ``user``, ``metadata``, ``stop``,
+``safety_identifier``, ``prompt_cache_key``, ``web_search_options``, and
+fields veil does not know (a parameter added to the API after this list
+must not carry text out unscanned)."""
+
+_CHAT_NOT_TEXT_NOR_PREDICTION = _CHAT_NOT_TEXT | {"prediction"}
+_CONTENT = frozenset({"content"})
+_EMBEDDINGS_NOT_TEXT = frozenset({"input", "model", "encoding_format", "dimensions"})
+
+
+def _other_fields(found: TextSlots, holder: dict[str, Any], skip: frozenset[str]) -> None:
+    """Every string in ``holder``'s fields not in ``skip``, however nested."""
+    for key in holder:
+        if key not in skip:
+            for container, k in _json_strings(holder, key):
+                found.add(container, k)
+
+
 def embedding_texts(request: dict[str, Any]) -> TextSlots:
-    """The slots of an embeddings request's ``input``.
+    """The slots of an embeddings request: ``input`` and the strings of
+    its other fields but ``model``, ``encoding_format`` and ``dimensions``.
 
     :raises Unscannable: the input is token ids, which cannot be analysed.
     """
@@ -180,6 +230,5 @@ def embedding_texts(request: dict[str, Any]) -> TextSlots:
                 found.add(value, i)
             else:
                 raise Unscannable("token-id input cannot be scanned for personal data")
-    if isinstance(request.get("user"), str):
-        found.add(request, "user")
+    _other_fields(found, request, _EMBEDDINGS_NOT_TEXT)
     return found
