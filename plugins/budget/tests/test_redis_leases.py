@@ -123,23 +123,26 @@ def test_a_budget_near_its_limit_is_never_leased(url: str) -> None:
     assert spent == {TEAM: (0, 50 * CALL)}
 
 
+async def seven_before_the_lease(url: str, limit: int) -> tuple[list[Any], int, Any]:
+    """One call reserved in Redis (it asks for a lease, headroom 2), then seven
+    more at once, sent before the lease comes back: their results, how many
+    were served from the lease, and the budget's (spent, reserved)."""
+    counters = [Counter(TEAM, limit)]
+    async with leasing(url, lease_headroom=2) as s:
+        assert s.leases is not None
+        await s.reserve("first", CALL, counters, [], 30)
+        results = await asyncio.gather(
+            *(s.reserve(f"r{i}", CALL, counters, [], 30) for i in range(7))
+        )
+        return results, s.leases.served, await s.spent([TEAM])
+
+
 def test_a_call_redis_refuses_is_served_from_a_lease_granted_meanwhile(url: str) -> None:
     # room for 7 calls: the first goes to Redis and asks for a lease, which
     # gets half the room left (headroom 2): 3 calls; the next seven, sent
     # before the lease came back, go to Redis: 3 fit there, and 3 of the 4 it
     # refuses fit in this replica's own lease, so the budget is used to the end
-    counters = [Counter(TEAM, 7 * CALL)]
-
-    async def main() -> tuple[list[Any], Any, Any]:
-        async with leasing(url, lease_headroom=2) as s:
-            assert s.leases is not None
-            await s.reserve("first", CALL, counters, [], 30)
-            results = await asyncio.gather(
-                *(s.reserve(f"r{i}", CALL, counters, [], 30) for i in range(7))
-            )
-            return results, s.leases.served, await s.spent([TEAM])
-
-    results, from_lease, spent = run(main())
+    results, from_lease, spent = run(seven_before_the_lease(url, 7 * CALL))
     assert sum(isinstance(r, Granted) for r in results) == 6
     assert [r.kind for r in results if isinstance(r, Denied)] == ["budget"]
     assert from_lease == 3
@@ -151,18 +154,7 @@ def test_a_lease_remnant_goes_back_for_a_call_redis_refused(url: str) -> None:
     # the seven calls sent before it came back, Redis takes 2 and refuses 5; 2
     # of those are served from the lease, and the half call left in it goes
     # back so that, with the half call left in Redis, one more fits
-    counters = [Counter(TEAM, 6 * CALL)]
-
-    async def main() -> tuple[list[Any], Any, Any]:
-        async with leasing(url, lease_headroom=2) as s:
-            assert s.leases is not None
-            await s.reserve("first", CALL, counters, [], 30)
-            results = await asyncio.gather(
-                *(s.reserve(f"r{i}", CALL, counters, [], 30) for i in range(7))
-            )
-            return results, s.leases.served, await s.spent([TEAM])
-
-    results, from_lease, spent = run(main())
+    results, from_lease, spent = run(seven_before_the_lease(url, 6 * CALL))
     assert sum(isinstance(r, Granted) for r in results) == 5
     assert from_lease == 2
     assert spent == {TEAM: (0, 6 * CALL)}

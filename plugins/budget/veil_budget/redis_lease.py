@@ -81,6 +81,12 @@ _RETRY_S = 1.0
 """How long a kind of call goes without a lease after Redis refused one."""
 
 
+def _short(lease: Lease, amount: int, buckets: dict[str, Bucket]) -> bool:
+    """``lease`` does not hold ``amount`` or a bucket's take."""
+    tokens = lease.tokens
+    return lease.held < amount or any(tokens[key] < b.take for key, b in buckets.items())
+
+
 class Lease:
     """One replica's lease on one :data:`Shape` (see the module doc).
 
@@ -191,8 +197,7 @@ class Leases:
         if lease is None:
             return None
         now = time.monotonic()
-        tokens = lease.tokens
-        short = lease.held < amount or any(tokens[key] < b.take for key, b in buckets.items())
+        short = _short(lease, amount, buckets)
         if short or lease.deadline - now < self.min_life:
             self.missed += 1
             if short and lease.calls < self.lease_calls * _MAX_GROWTH:
@@ -214,12 +219,7 @@ class Leases:
         if lease is None:
             return None
         now = time.monotonic()
-        tokens = lease.tokens
-        if (
-            lease.held < amount
-            or any(tokens[key] < b.take for key, b in buckets.items())
-            or lease.deadline - now < self.min_life
-        ):
+        if _short(lease, amount, buckets) or lease.deadline - now < self.min_life:
             return None
         return self._serve(lease, now, rid, amount, buckets)
 
