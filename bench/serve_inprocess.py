@@ -1,0 +1,275 @@
+"""CPU per call of veil's serve path in-process: the core alone against a stage.
+
+A diagnostic for stage work, not a target check (``make bench`` judges the
+targets on real servers). It starts gateways in this process (signed
+policies, the real plugins), hands each request straight to
+``veil.asgi.serve`` (no sockets), answers upstream calls from an instant
+stub provider, and runs uvicorn's header checks on the answer the way the
+server does (two regular expressions per header). So it measures what the
+gateway's own Python code costs per call, without the server, the client
+library, the kernel and the load generator that make up most of a served
+call's CPU, and that a hot loop over one stage's hooks leaves out
+(response headers, decisions, objects new to every call).
+
+Each round runs ``--calls`` non-streaming calls from 16 concurrent callers
+per gateway, the two gateways alternating order from round to round; the
+figure is the process CPU time (all threads) per call, median over the
+rounds. One stage per run: a stage's threads (the audit writer, a store's)
+would be counted against the other gateways of the process.
+
+    python -m bench.serve_inprocess                        # budget (SQLite) against the core
+    python -m bench.serve_inprocess --stage audit --rounds 12 --json
+    python -m bench.serve_inprocess --stage cache --unique  # every call a miss
+
+Exit codes: 0 measured, 1 a gateway failed to start or a call failed, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import stage_cpu
+from bench.budget import budget_section
+from bench.payloads import API_KEY, MODEL, chat_body_bytes
+
+STAGES = ("budget", "audit", "cache")
+CALLERS = 16
+
+_ANSWER = orjson.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "A short answer from the stub."},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 150, "completion_tokens": 40, "total_tokens": 190},
+    }
+)
+
+
+class InstantProvider:
+    """An upstream that answers every chat call at once (the same answer)."""
+
+    async def chat(self, call: Any, deployment: Any, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = orjson.loads(_ANSWER)
+        return result
+
+    async def aclose(self) -> None:
+        return None
+
+
+def policy_tail(stage: str) -> str:
+    """The stage's section: budget as ``bench.budget`` runs it (SQLite), the
+    cache for any temperature (the bench body's is 0.2), audit's defaults."""
+    if stage == "budget":
+        return budget_section("sqlite")
+    if stage == "cache":
+        return "\n[cache]\nany_temperature = true\n"
+    return ""
+
+
+def uvicorn_header_checks(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """What uvicorn's httptools protocol does with each response header."""
+    from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+
+    content = []
+    for name, value in headers:
+        if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+            raise RuntimeError(f"invalid header {name!r}")
+        name = name.lower()
+        content.extend([name, b": ", value, b"\r\n"])
+    return b"".join(content)
+
+
+async def start_gateways(names: list[str], workdir: Path) -> dict[str, Any]:
+    """Sign each gateway's policy and start it in this process."""
+    from veil.gateway import Gateway, GatewayConfig
+    from veil.testing import PolicyKit
+
+    kit = PolicyKit(workdir)
+    gateways: dict[str, Any] = {}
+    for name in names:
+        stage = None if name == stage_cpu.CORE else name
+        text = stage_cpu.policy("http://127.0.0.1:9", stage)
+        if stage is not None:
+            text += policy_tail(stage)
+        path = kit.write(text, f"{name}.toml")
+        state = workdir / f"state-{name}"
+        state.mkdir()
+        os.environ["VEIL_STATE_DIR"] = str(state)  # where plugins keep their files
+        config = GatewayConfig(
+            policy_path=path,
+            trusted_keys=(kit.public_key_path,),
+            audience=stage_cpu.AUDIENCE,
+            state_dir=state,
+            tune_gc=True,
+        )
+        gateway = Gateway(config)
+        await gateway.start()
+        gateway.runtime.providers["openai"] = InstantProvider()
+        gateways[name] = gateway
+    return gateways
+
+
+def make_caller(gateway: Any, unique: bool) -> Callable[[], Awaitable[None]]:
+    """One call through ``veil.asgi.serve``; raises unless it is answered 200."""
+    from veil.asgi import serve
+
+    body = chat_body_bytes(False)
+    seq = iter(range(1 << 62))
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"authorization", f"Bearer {API_KEY}".encode()),
+        ],
+    }
+
+    async def receive() -> dict[str, Any]:
+        data = body.replace(b"You are", b"You are %d" % next(seq), 1) if unique else body
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            if message["status"] != 200:
+                raise RuntimeError(f"the gateway answered {message['status']}")
+            uvicorn_header_checks(message["headers"])
+
+    async def call() -> None:
+        await serve(gateway, "chat", scope, receive, send)
+
+    return call
+
+
+async def cpu_us_per_call(call: Callable[[], Awaitable[None]], calls: int) -> float:
+    """Process CPU microseconds per call over ``calls`` calls from 16 callers."""
+    each = max(1, calls // CALLERS)
+
+    async def caller() -> None:
+        for _ in range(each):
+            await call()
+
+    start = time.process_time()
+    await asyncio.gather(*(caller() for _ in range(CALLERS)))
+    return (time.process_time() - start) / (each * CALLERS) * 1e6
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    names = [stage_cpu.CORE, args.stage]
+    with tempfile.TemporaryDirectory(prefix="veil-inprocess-") as tmp:
+        gateways = await start_gateways(names, Path(tmp))
+        try:
+            callers = {n: make_caller(g, args.unique) for n, g in gateways.items()}
+            for n in names:  # warm-up: imports, first plans, the stores' first pages
+                await cpu_us_per_call(callers[n], 2000)
+            samples: dict[str, list[float]] = {n: [] for n in names}
+            for r in range(args.rounds):
+                print(f"[{r + 1}/{args.rounds}] round", file=sys.stderr, flush=True)
+                for n in names if r % 2 == 0 else names[::-1]:
+                    samples[n].append(await cpu_us_per_call(callers[n], args.calls))
+        finally:
+            for g in gateways.values():
+                await g.stop()
+    core = statistics.median(samples[stage_cpu.CORE])
+    return {
+        "calls_per_round": args.calls,
+        "rounds": args.rounds,
+        "unique": args.unique,
+        "gateways": {
+            n: {
+                "cpu_us_per_call": round(statistics.median(s), 2),
+                "added_us": round(statistics.median(s) - core, 2),
+                "ratio": round(statistics.median(s) / core, 3),
+                "rounds_us": [round(x, 1) for x in s],
+            }
+            for n, s in samples.items()
+        },
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    head = f"{'gateway':10s} {'CPU us/call':>12s} {'added us':>9s} {'ratio':>7s}"
+    lines = [head + "  rounds (min-max)"]
+    for name, g in result["gateways"].items():
+        lo, hi = min(g["rounds_us"]), max(g["rounds_us"])
+        lines.append(
+            f"{name:10s} {g['cpu_us_per_call']:12.1f} {g['added_us']:+9.1f} "
+            f"{g['ratio']:6.3f}x  {lo:.1f}-{hi:.1f}"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serve_inprocess",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: python -m bench.serve_inprocess --stage cache --unique --rounds 12",
+    )
+    parser.add_argument(
+        "--stage",
+        choices=STAGES,
+        default="budget",
+        help="the stage to measure against the core (default budget); one per run, since "
+        "process CPU counts every thread's (the audit writer's, a store's)",
+    )
+    parser.add_argument(
+        "--calls", type=int, default=6000, help="calls per gateway and round (default 6000)"
+    )
+    parser.add_argument("--rounds", type=int, default=8, help="rounds (default 8)")
+    parser.add_argument(
+        "--unique",
+        action="store_true",
+        help="make every request different (the cache's miss path)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.calls < CALLERS or args.rounds < 1:
+        print(f"error: --calls must be at least {CALLERS} and --rounds at least 1", file=sys.stderr)
+        return 2
+    # audit needs its HMAC key; a throwaway one (the files go with the temp dir)
+    os.environ.setdefault("VEIL_AUDIT_HMAC_KEY", secrets.token_hex(32))
+    from veil.logs import configure_logging
+
+    configure_logging("warning")
+    try:
+        import uvloop
+
+        result = uvloop.run(measure(args))
+    except Exception as e:  # noqa: BLE001 - one line saying what failed, exit 1
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result) if args.json else render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
