@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -92,8 +93,6 @@ def policy_tail(stage: str) -> str:
 
 def uvicorn_header_checks(headers: list[tuple[bytes, bytes]]) -> bytes:
     """What uvicorn's httptools protocol does with each response header."""
-    from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
-
     content = []
     for name, value in headers:
         if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
