@@ -201,6 +201,35 @@ def test_settles_are_journaled_and_survive_a_crash_before_the_fold(tmp_path: Pat
     asyncio.run(after())
 
 
+def test_a_crashed_runs_frames_do_not_outlive_the_next_runs_restart(tmp_path: Path) -> None:
+    """The next run folds the dead run's frames and restarts the journal; its
+    own frames (as long as the old ones) must not leave the old ones readable
+    behind them, or a second crash would count those twice."""
+
+    async def crash_after(path: Path, into: Path, calls: int) -> Path:
+        store = open_sqlite(path)
+        try:
+            await _spend(store, calls)
+            return _crashed_copy(store, into)
+        finally:
+            store._unfolded = []  # the dead process folds nothing at close
+            await store.close()
+
+    first = asyncio.run(crash_after(tmp_path / "live" / "b.sqlite3", tmp_path / "one", 5))
+    second = asyncio.run(crash_after(first, tmp_path / "two", 1))
+
+    async def after() -> None:
+        store = open_sqlite(second)
+        try:
+            assert await store.spent([TEAM]) == {TEAM: (60, 0)}
+            (row,) = await store.report()
+            assert row.calls == 6
+        finally:
+            await store.close()
+
+    asyncio.run(after())
+
+
 def test_a_crash_between_a_folds_commit_and_the_journal_restart_counts_once(
     tmp_path: Path,
 ) -> None:

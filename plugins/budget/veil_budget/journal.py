@@ -99,13 +99,22 @@ class Journal:
         finally:
             os.close(fd)
         self._pos = _HEADER.size
+        self._stale = size
+        """Bytes from the start that may hold an earlier run's frames."""
         self.generation = 0
         self.frames = 0
 
     def restart(self, generation: int) -> None:
         """Empty the journal and start ``generation`` (the header goes first,
-        so a crash meanwhile leaves an empty journal, never a mixed one)."""
-        self._map[: self._pos] = bytes(self._pos)
+        so a crash meanwhile leaves an empty journal, never a mixed one).
+
+        The first restart after opening zeroes the whole file: the frames an
+        earlier run left must not survive behind the new ones (a new frame
+        as long as an old one would leave the next old frame intact after it,
+        and a reader would take it for one of the new generation's)."""
+        end = max(self._pos, self._stale)
+        self._map[:end] = bytes(end)
+        self._stale = 0
         self._map[: _HEADER.size] = _HEADER.pack(_MAGIC, generation)
         self._pos = _HEADER.size
         self.generation = generation
@@ -116,7 +125,13 @@ class Journal:
 
         :raises JournalFull: no room left (fold, restart, append again).
         """
-        payload = orjson.dumps(record)
+        self.append_bytes(orjson.dumps(record))
+
+    def append_bytes(self, payload: bytes) -> None:
+        """Add one frame holding ``payload``, a record already serialized as JSON.
+
+        :raises JournalFull: no room left.
+        """
         end = self._pos + _FRAME.size + len(payload)
         if end > self.size:
             raise JournalFull(f"the budget journal {self.path} is full")
