@@ -62,7 +62,7 @@ async def veil_startup(runtime: Runtime) -> None:
     metrics = BudgetMetrics.for_registry(runtime.metrics.registry)
     for stage in stages(runtime):
         try:
-            await stage.start(metrics)
+            await stage.start(metrics, runtime.state_dir)
         except Exception as e:  # noqa: BLE001 - any start-up failure names the plugin
             raise PluginError("budget", str(e)) from e
 

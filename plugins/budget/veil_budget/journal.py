@@ -104,6 +104,11 @@ class Journal:
         self.generation = 0
         self.frames = 0
 
+    @property
+    def used(self) -> int:
+        """Bytes in use (the header and the frames)."""
+        return self._pos
+
     def restart(self, generation: int) -> None:
         """Empty the journal and start ``generation`` (the header goes first,
         so a crash meanwhile leaves an empty journal, never a mixed one).
@@ -139,6 +144,38 @@ class Journal:
         self._map[self._pos + _FRAME.size : end] = payload
         self._pos = end
         self.frames += 1
+
+    def rewrite(self, payloads: list[bytes]) -> None:
+        """Replace every frame with ``payloads``, in place and keeping the
+        generation: the new frames overwrite the old from the start, the rest
+        of the file is zeroed from its first byte on (so a reader stops
+        right after the new frames), and only then is a missing header
+        written. A crash at any point leaves the old frames or the new ones,
+        except while a frame is being copied (a torn frame ends the journal
+        there).
+
+        :raises JournalFull: the payloads do not fit.
+        """
+        pos = _HEADER.size
+        for payload in payloads:
+            end = pos + _FRAME.size + len(payload)
+            if end > self.size:
+                raise JournalFull(f"the budget journal {self.path} is full")
+            _FRAME.pack_into(self._map, pos, len(payload), zlib.crc32(payload))
+            self._map[pos + _FRAME.size : end] = payload
+            pos = end
+        stale = max(self._pos, self._stale)
+        if stale > pos:
+            self._map[pos:stale] = bytes(stale - pos)
+        self._stale = 0
+        self._pos = pos
+        self.frames = len(payloads)
+        magic, generation = _HEADER.unpack_from(self._map)
+        if magic != _MAGIC:
+            self.generation = max(self.generation, 1)
+            self._map[: _HEADER.size] = _HEADER.pack(_MAGIC, self.generation)
+        else:
+            self.generation = generation
 
     def close(self) -> None:
         self._map.close()

@@ -63,6 +63,7 @@ from typing import Any
 import orjson
 import structlog
 
+from .redis_outbox import Outbox
 from .store import Bucket, BucketState, Granted
 
 __all__ = ["Lease", "Leases"]
@@ -136,8 +137,8 @@ class Leases:
     """The leases of one :class:`~veil_budget.redis_store.RedisStore`.
 
     :param submit: queues one operation of the store's script (its bytes)
-        and returns the future of its reply; ``urgent=False`` may wait a
-        millisecond for company.
+        and returns the future of its reply; ``urgent=False`` may wait
+        for company.
     :param lease_calls: a lease holds this many times the worst case of the
         call that asks for it.
     :param headroom: the leases on a counter hold together at most
@@ -146,6 +147,9 @@ class Leases:
     :param ttl_s: Redis forgets a lease not topped up or kept alive for this long.
     :param idle_s: a lease unused for this long is given back.
     :param linger_s: charges wait this long for company (as the store's settles do).
+    :param outbox: where each call's charge is kept until Redis acknowledges
+        it (see :mod:`veil_budget.redis_outbox`); a charge whose sending
+        fails is marked due again there.
     """
 
     def __init__(
@@ -157,8 +161,10 @@ class Leases:
         ttl_s: float = 60.0,
         idle_s: float = 10.0,
         linger_s: float = 0.001,
+        outbox: Outbox | None = None,
     ) -> None:
         self._submit = submit
+        self.outbox = outbox
         self.lease_calls = lease_calls
         self.headroom = headroom
         self.ttl_s = ttl_s
@@ -310,12 +316,28 @@ class Leases:
         row = (lease.rid, field)
         charge = self._charges.get(row)
         if charge is None:
-            charge = self._charges[row] = [0, 0, 0, 0, 0, lease]
+            charge = self._charges[row] = [0, 0, 0, 0, 0, lease, []]
         charge[0] += cost
         charge[1] += back
         charge[2] += 1
         charge[3] += usage.prompt_tokens
         charge[4] += usage.completion_tokens
+        outbox = self.outbox
+        if outbox is not None:  # this call alone, as plain spend if its lease is gone
+            op = orjson.dumps(
+                [
+                    "c",
+                    lease.rid,
+                    str(cost),
+                    "0",
+                    list(lease.limits),
+                    field,
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    1,
+                ]
+            )
+            charge[6].append(outbox.add(op))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.linger_s, self.flush)
         if lease.closing:
@@ -331,19 +353,29 @@ class Leases:
         if not self._charges:
             return
         charges, self._charges = self._charges, {}
-        for (rid, field), (cost, back, calls, prompt, completion, lease) in charges.items():
+        for (rid, field), (cost, back, calls, prompt, completion, lease, ids) in charges.items():
             counters = list(lease.limits)
             op = orjson.dumps(
                 ["c", rid, str(cost), str(back), counters, field, prompt, completion, calls]
             )
             future = self._submit(op)
             self.sent.add(future)
-            future.add_done_callback(functools.partial(self._charged, calls, cost))
+            future.add_done_callback(functools.partial(self._charged, calls, cost, ids))
 
-    def _charged(self, calls: int, cost: int, future: asyncio.Future[Any]) -> None:
+    def _charged(self, calls: int, cost: int, ids: list[int], future: asyncio.Future[Any]) -> None:
         self.sent.discard(future)
-        error = None if future.cancelled() else future.exception()
-        if error is not None and self.on_charge_failed is not None:
+        if future.cancelled():
+            error: BaseException | None = asyncio.CancelledError()
+        else:
+            error = future.exception()
+        outbox = self.outbox
+        if error is None:
+            if outbox is not None:
+                outbox.ack(ids)
+            return
+        if outbox is not None:
+            outbox.failed(ids)
+        if self.on_charge_failed is not None:
             self.on_charge_failed(calls, cost, error)
 
     def release(self, rid: str) -> bool:

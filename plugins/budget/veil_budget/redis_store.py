@@ -49,9 +49,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -63,6 +65,7 @@ from redis.commands.core import AsyncScript
 
 from .redis_lease import Leases
 from .redis_link import Batcher
+from .redis_outbox import Outbox
 from .store import Bucket, BucketState, Counter, Denied, Granted, SpendRow, Usage
 
 __all__ = ["RedisStore"]
@@ -71,6 +74,14 @@ log = structlog.get_logger("veil.budget")
 
 KEEP_DAYS = 400
 """Days a spend report stays in Redis after its last write."""
+
+LINGER_S = 0.001
+"""How long a settle waits for company before it goes to Redis on its own."""
+DURABLE_LINGER_S = 0.01
+"""The same with an outbox: a waiting settle is safe on disk, so it waits longer
+and more calls share a round trip."""
+RESEND_S = 5.0
+"""How long after a failure the outbox's settles are sent again."""
 
 _SEP = "\x1f"
 _RESET_BATCH = 1000
@@ -517,7 +528,8 @@ class RedisStore:
     Every method is one round trip (``reset``: a ``SCAN`` then one script per
     1000 counters) and atomic with respect to every other replica's calls.
     Redis errors propagate (``redis.exceptions.ConnectionError``,
-    ``TimeoutError``, ...); nothing is retried.
+    ``TimeoutError``, ...); nothing is retried, except the settles an outbox
+    keeps (sent again ``RESEND_S`` after a failure).
 
     :param url: ``redis://`` or ``rediss://`` URL.
     :param prefix: the keys' prefix; must not hold ``{`` or ``}`` (the hash
@@ -528,7 +540,15 @@ class RedisStore:
     :param max_connections: the size of the connection pool; more calls at
         once wait for a connection (each script takes well under a
         millisecond) instead of failing.
+    :param lease_calls: a lease holds this many calls' worst case (0: no
+        leases, see :mod:`veil_budget.redis_lease`).
+    :param outbox_dir: keep every settle in an outbox in this directory
+        until Redis acknowledges it (see :mod:`veil_budget.redis_outbox`),
+        so a killed process loses none; ``None``: settles waiting for their
+        batch are lost with the process.
     :raises ValueError: a prefix with braces.
+    :raises OSError: the outbox cannot be opened.
+    :raises RuntimeError: an outbox asked for outside a running event loop.
     """
 
     def __init__(
@@ -541,6 +561,7 @@ class RedisStore:
         lease_calls: int = 0,
         lease_headroom: int = 20,
         lease_ttl_s: float = 60.0,
+        outbox_dir: Path | None = None,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"the Redis key prefix {prefix!r} must not contain {{ or }}")
@@ -556,17 +577,29 @@ class RedisStore:
             decode_responses=True,
         )
         self.client: redis.Redis = redis.Redis.from_pool(pool)
-        self._batch = Batcher(url, _BATCH, f"{self.base}expiry", self.base, timeout_s=timeout_s)
+        if outbox_dir is not None:
+            asyncio.get_running_loop()  # its timers send the outbox's settles again
+        self.outbox = Outbox(outbox_dir) if outbox_dir is not None else None
+        linger_s = LINGER_S if self.outbox is None else DURABLE_LINGER_S
+        self._batch = Batcher(
+            url, _BATCH, f"{self.base}expiry", self.base, timeout_s=timeout_s, linger_s=linger_s
+        )
         self.leases = (
             Leases(
                 self._batch.submit,
                 lease_calls=lease_calls,
                 headroom=lease_headroom,
                 ttl_s=lease_ttl_s,
+                linger_s=linger_s,
+                outbox=self.outbox,
             )
             if lease_calls > 0
             else None
         )
+        self._resend_timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        if self.outbox is not None and self.outbox.unacked():
+            self._resend_soon(0.0)  # what a dead process left
         if self.leases is not None:
             self.leases.on_charge_failed = self._charges_failed
             self._batch.on_lost = self.leases.lost
@@ -669,12 +702,14 @@ class RedisStore:
         """See :meth:`veil_budget.store.Store.settle`. The report's day is the
         Redis server's UTC day.
 
-        Returns once the settle is queued: it goes to Redis with the next
-        reserve of this process, or on its own within a millisecond, and
+        Returns once the settle is queued (and, with an outbox, kept in it):
+        it goes to Redis with the next reserve of this process, or on its
+        own within ``LINGER_S`` (``DURABLE_LINGER_S`` with an outbox), and
         its reservation keeps counting in full until it lands (so the
         budget's bound holds meanwhile). A settle that fails is logged with
-        its cost and counted by ``settle_failed`` (the reservation then
-        expires). :meth:`spent`, :meth:`report`, :meth:`reset` and
+        its cost and counted by ``settle_failed``; with an outbox it is
+        sent again ``RESEND_S`` later, without one it is lost (the
+        reservation then expires). :meth:`spent`, :meth:`report`, :meth:`reset` and
         :meth:`close` first wait for the settles queued before them.
 
         :raises ValueError: a negative ``cost``.
@@ -703,19 +738,26 @@ class RedisStore:
                 usage.completion_tokens,
             ]
         )
+        kept = self.outbox.add(op) if self.outbox is not None else 0
         future = self._batch.submit(op, urgent=False)
-        future.add_done_callback(lambda f: self._settled(f, rid, cost))
+        future.add_done_callback(lambda f: self._settled(f, rid, cost, kept))
 
-    def _settled(self, future: asyncio.Future[Any], rid: str, cost: int) -> None:
+    def _settled(self, future: asyncio.Future[Any], rid: str, cost: int, kept: int) -> None:
         error = None if future.cancelled() else future.exception()
-        if error is None:
+        if error is None and not future.cancelled():
+            if kept and self.outbox is not None:
+                self.outbox.ack((kept,))
             return
         log.error(
             "budget_settle_failed",
             request_id=rid,
-            error=type(error).__name__,
+            error="cancelled" if error is None else type(error).__name__,
             cost_usd=f"{cost / 1e9:.6f}",
+            resent=bool(kept),
         )
+        if kept and self.outbox is not None:
+            self.outbox.failed((kept,))
+            self._resend_soon(RESEND_S)
         if self.settle_failed is not None:
             self.settle_failed()
 
@@ -725,10 +767,41 @@ class RedisStore:
             calls=calls,
             error=type(error).__name__,
             cost_usd=f"{cost / 1e9:.6f}",
+            resent=self.outbox is not None,
         )
+        if self.outbox is not None:
+            self._resend_soon(RESEND_S)
         if self.settle_failed is not None:
             for _ in range(calls):
                 self.settle_failed()
+
+    # -- the outbox -----------------------------------------------------------------
+
+    def _resend_soon(self, delay_s: float) -> None:
+        if self._resend_timer is None and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._resend_timer = loop.call_later(delay_s, self._resend)
+
+    def _resend(self) -> None:
+        """Send the outbox's due settles again (each in its own operation:
+        a lease's calls as plain spend if the lease is gone)."""
+        self._resend_timer = None
+        outbox = self.outbox
+        if outbox is None or self._closed:
+            return
+        for kept, op in outbox.due():
+            future = self._batch.submit(op, urgent=False)
+            future.add_done_callback(functools.partial(self._resent, kept))
+
+    def _resent(self, kept: int, future: asyncio.Future[Any]) -> None:
+        outbox = self.outbox
+        if outbox is None:
+            return
+        if not future.cancelled() and future.exception() is None:
+            outbox.ack((kept,))
+        else:
+            outbox.failed((kept,))
+            self._resend_soon(RESEND_S)
 
     async def drain(self) -> None:
         """Send the charges and settles that wait, and wait for their replies."""
@@ -802,10 +875,19 @@ class RedisStore:
         return count
 
     async def close(self) -> None:
-        """Give the leases back, send what waits, close the connections."""
+        """Give the leases back, send what waits, close the connections and
+        the outbox (what Redis did not acknowledge stays in it, for the
+        next process to send)."""
         if self.leases is not None:
             await self.leases.close()
+        if self.leases is not None or self.outbox is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.drain(), self._batch.timeout_s)
+        self._closed = True
+        if self._resend_timer is not None:
+            self._resend_timer.cancel()
+            self._resend_timer = None
         await self._batch.close()
         await self.client.aclose()
+        if self.outbox is not None:
+            self.outbox.close()

@@ -82,11 +82,15 @@ class Unavailable(VeilUnavailable):
     code = "budget_unavailable"
 
 
-def open_store(settings: BudgetSettings) -> Store:
-    """The store the settings name (SQLite file or Redis URL from the environment).
+def open_store(settings: BudgetSettings, state_dir: Path | None = None) -> Store:
+    """The store the settings name (SQLite file or Redis URL from the
+    environment), with its files (the SQLite file; the Redis store's outbox)
+    under ``state_dir`` (default ``$VEIL_STATE_DIR``, else the working
+    directory).
 
     :raises ValueError: the Redis URL variable is not set.
     :raises StoreBusy: another process owns the SQLite file.
+    :raises OSError: the Redis store's outbox cannot be created.
     """
     if settings.store == "redis":
         url = os.environ.get(settings.redis_url_env)
@@ -97,11 +101,18 @@ def open_store(settings: BudgetSettings) -> Store:
         from .redis_store import RedisStore
 
         return RedisStore(
-            url, lease_calls=settings.lease_calls, lease_headroom=settings.lease_headroom
+            url,
+            lease_calls=settings.lease_calls,
+            lease_headroom=settings.lease_headroom,
+            outbox_dir=_state_dir(state_dir),
         )
     from .sqlite_store import open_sqlite
 
-    return open_sqlite(sqlite_path(settings))
+    return open_sqlite(sqlite_path(settings, state_dir))
+
+
+def _state_dir(state_dir: Path | None) -> Path:
+    return state_dir or Path(os.environ.get("VEIL_STATE_DIR") or ".")
 
 
 def sqlite_path(settings: BudgetSettings, state_dir: Path | None = None) -> Path:
@@ -109,7 +120,7 @@ def sqlite_path(settings: BudgetSettings, state_dir: Path | None = None) -> Path
     ``$VEIL_STATE_DIR``, else the working directory)."""
     path = Path(settings.sqlite_path)
     if not path.is_absolute():
-        path = (state_dir or Path(os.environ.get("VEIL_STATE_DIR") or ".")) / path
+        path = _state_dir(state_dir) / path
     return path
 
 
@@ -162,12 +173,14 @@ class BudgetStage:
         self._rid_prefix = f"v{uuid.uuid4().hex[:16]}:"
         self._rids = itertools.count()
 
-    async def start(self, metrics: BudgetMetrics | None = None) -> None:
+    async def start(
+        self, metrics: BudgetMetrics | None = None, state_dir: Path | None = None
+    ) -> None:
         """Open the store (see :func:`open_store`)."""
         self.metrics = metrics
         self._spend = metrics.spend_nanos if metrics is not None else None
         if self.store is None:
-            self.store = open_store(self.settings)
+            self.store = open_store(self.settings, state_dir)
         if hasattr(self.store, "settle_failed"):  # settles that fail after returning
             self.store.settle_failed = lambda: self._count("store_error", "settle")
         leases = getattr(self.store, "leases", None)
