@@ -103,6 +103,37 @@ def test_calls_served_from_a_lease_skip_the_round_trip_and_are_all_charged(url: 
     assert 0 < granted[-1].buckets["key:k1:tpm"].remaining < 10**9
 
 
+def test_a_lease_topped_up_often_grows_so_top_ups_stay_rare(url: str, tmp_path: Path) -> None:
+    """One caller at a time (each top-up's reply arrives before the lease runs
+    dry, so it never finds it dry): a lease sized for 8 calls would need a
+    top-up every 4 or 5 calls. One topped up again within a second doubles
+    (up to 16 times its first size), so the top-ups become rare."""
+    client = redis.Redis.from_url(url, decode_responses=True)
+    counters = [Counter(TEAM, 10**15)]
+
+    async def main() -> tuple[int, int, int]:
+        async with leasing(url, outbox_dir=tmp_path) as s:
+            await first_lease(s, counters)
+            await s.drain()
+            client.config_resetstat()
+            for i in range(600):
+                await s.reserve(f"r{i}", CALL, counters, [], 30)
+                await s.settle(f"r{i}", CALL, [TEAM], None, USAGE)
+                await asyncio.sleep(0.0005)  # the next call comes after a reply could
+            await s.drain()
+            assert s.leases is not None
+            (lease,) = s.leases._by_shape.values()
+            return script_calls(client), lease.calls, s.leases.missed
+
+    try:
+        calls, size, missed = run(main())
+    finally:
+        client.close()
+    assert (size, missed) == (8 * 16, 0)
+    # top-ups at the first size alone: 600 / 4.5 = 133; charges go every 10 ms
+    assert calls < 100
+
+
 def test_a_budget_near_its_limit_is_never_leased(url: str) -> None:
     # room for 50 calls; a lease of 8 calls needs room for 10 x 8
     counters = [Counter(TEAM, 50 * CALL)]
