@@ -18,6 +18,7 @@ rounds. One stage per run: a stage's threads (the audit writer, a store's)
 would be counted against the other gateways of the process.
 
     python -m bench.serve_inprocess                        # budget (SQLite) against the core
+    python -m bench.serve_inprocess --stage budget-redis   # the Redis store, on a redis-server
     python -m bench.serve_inprocess --stage audit --rounds 12 --json
     python -m bench.serve_inprocess --stage cache --unique  # every call a miss
 
@@ -49,7 +50,9 @@ from bench import stage_cpu
 from bench.budget import budget_section
 from bench.payloads import API_KEY, MODEL, chat_body_bytes
 
-STAGES = ("budget", "audit", "cache")
+STAGES = ("budget", "budget-redis", "audit", "cache")
+"""``budget-redis``: the budget stage with the Redis store, on a ``redis-server`` this
+tool starts (its CPU is not counted; its script calls per call are reported)."""
 CALLERS = 16
 
 _ANSWER = orjson.dumps(
@@ -86,6 +89,8 @@ def policy_tail(stage: str) -> str:
     cache for any temperature (the bench body's is 0.2), audit's defaults."""
     if stage == "budget":
         return budget_section("sqlite")
+    if stage == "budget-redis":
+        return budget_section("redis")
     if stage == "cache":
         return "\n[cache]\nany_temperature = true\n"
     return ""
@@ -111,7 +116,7 @@ async def start_gateways(names: list[str], workdir: Path) -> dict[str, Any]:
     gateways: dict[str, Any] = {}
     for name in names:
         stage = None if name == stage_cpu.CORE else name
-        text = stage_cpu.policy("http://127.0.0.1:9", stage)
+        text = stage_cpu.policy("http://127.0.0.1:9", stage and stage.removesuffix("-redis"))
         if stage is not None:
             text += policy_tail(stage)
         path = kit.write(text, f"{name}.toml")
@@ -177,8 +182,33 @@ async def cpu_us_per_call(call: Callable[[], Awaitable[None]], calls: int) -> fl
     return (time.process_time() - start) / (each * CALLERS) * 1e6
 
 
+def script_calls(redis: Any) -> int:
+    """Script calls ``redis`` (a :class:`veil.testing.RedisServer`) has run so far."""
+    stats = redis.command("INFO", "commandstats").decode()
+    calls = 0
+    for line in stats.splitlines():
+        if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:")):
+            calls += int(line.split("calls=")[1].split(",")[0])
+    return calls
+
+
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     names = [stage_cpu.CORE, args.stage]
+    redis = None
+    if args.stage == "budget-redis":
+        from veil.testing import RedisServer
+
+        redis = RedisServer().wait_ready()
+        os.environ["VEIL_BUDGET_REDIS_URL"] = redis.url
+    try:
+        return await _measure(args, names, redis)
+    finally:
+        if redis is not None:
+            redis.stop()
+
+
+async def _measure(args: argparse.Namespace, names: list[str], redis: Any) -> dict[str, Any]:
+    scripts = 0
     with tempfile.TemporaryDirectory(prefix="veil-inprocess-") as tmp:
         gateways = await start_gateways(names, Path(tmp))
         try:
@@ -189,12 +219,20 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             for r in range(args.rounds):
                 print(f"[{r + 1}/{args.rounds}] round", file=sys.stderr, flush=True)
                 for n in names if r % 2 == 0 else names[::-1]:
+                    before = script_calls(redis) if redis is not None and n != names[0] else 0
                     samples[n].append(await cpu_us_per_call(callers[n], args.calls))
+                    if redis is not None and n != names[0]:
+                        scripts += script_calls(redis) - before
         finally:
             for g in gateways.values():
                 await g.stop()
     core = statistics.median(samples[stage_cpu.CORE])
+    extra = {}
+    if redis is not None:
+        measured = args.rounds * max(1, args.calls // CALLERS) * CALLERS
+        extra["redis_script_calls_per_call"] = round(scripts / measured, 4)
     return {
+        **extra,
         "calls_per_round": args.calls,
         "rounds": args.rounds,
         "unique": args.unique,
@@ -213,6 +251,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     head = f"{'gateway':10s} {'CPU us/call':>12s} {'added us':>9s} {'ratio':>7s}"
     lines = [head + "  rounds (min-max)"]
+    if "redis_script_calls_per_call" in result:
+        lines.insert(0, f"Redis script calls per call: {result['redis_script_calls_per_call']}")
     for name, g in result["gateways"].items():
         lo, hi = min(g["rounds_us"]), max(g["rounds_us"])
         lines.append(
