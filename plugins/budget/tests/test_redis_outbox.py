@@ -67,11 +67,15 @@ def test_a_killed_process_leaves_exactly_its_unacknowledged_settles(tmp_path: Pa
     )
     box = Outbox(tmp_path)
     try:
-        assert [op for _, op in box.due()] == [_op(1), _op(3), _op(4)]
+        due = box.due()
+        assert [op for _, op in due] == [_op(1), _op(3), _op(4)]
         assert box.unacked() == 3
         assert box.due() == []  # handed out once
     finally:
         box.close()
+    # a reply that comes back after close changes nothing (the file is closed)
+    box.ack([due[0][0]])
+    assert box.add(_op(9)) == 0
     again = Outbox(tmp_path)  # a clean close keeps what Redis did not acknowledge
     try:
         assert [op for _, op in again.due()] == [_op(1), _op(3), _op(4)]

@@ -154,8 +154,9 @@ class Outbox:
         (Redis unreachable for long): ``op`` is then not kept (sent all the
         same, but lost if the process dies before Redis runs it), until
         acknowledgements free half of the outbox. Logged when it fills and
-        when it has room again, with how many settles went without it."""
-        if self._full_at and len(self._unacked) > self._full_at // 2:
+        when it has room again, with how many settles went without it. 0
+        too after :meth:`close`."""
+        if self._fd is None or (self._full_at and len(self._unacked) > self._full_at // 2):
             self.skipped += 1
             return 0
         i = self._take_id()
@@ -181,9 +182,10 @@ class Outbox:
         return i
 
     def ack(self, ids: Iterable[int]) -> None:
-        """Redis ran the settles ``ids`` (0s are ignored)."""
+        """Redis ran the settles ``ids`` (0s are ignored; after :meth:`close`,
+        nothing is written)."""
         done = [i for i in ids if self._unacked.pop(i, None) is not None]
-        if not done:
+        if not done or self._fd is None:
             return
         if not self._unacked and self.journal.used > self.journal.size // 2:
             self._rewrite()  # nothing to keep: start over while it is cheap
