@@ -151,6 +151,8 @@ def test_two_leasing_replicas_serve_from_leases_and_hold_the_limit(
         for r in replicas:  # each served most of its calls without a round trip
             leased = _metric(r.url, 'veil_budget_lease_calls_total{outcome="served"}')
             assert leased > fit / 5
+            # and Redis acknowledged every settle its outbox kept
+            assert "veil_budget_outbox_unacked 0.0" in httpx.get(r.url + "/metrics").text
 
 
 def test_calls_sending_the_same_request_id_share_no_reservation_in_redis(

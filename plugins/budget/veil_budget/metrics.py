@@ -25,8 +25,10 @@ class BudgetMetrics:
     and ``veil_budget_spend_usd_total{team, model}``; with the Redis store's
     leases, ``veil_budget_lease_calls_total{outcome}`` (served from a lease, or
     missed: reserved in Redis although a lease was held),
-    ``veil_budget_leases_expired_total`` and ``veil_budget_leases_open``
-    (read from the stores when scraped: nothing is counted on the hot path).
+    ``veil_budget_leases_expired_total`` and ``veil_budget_leases_open``, and
+    ``veil_budget_outbox_unacked``: settles in the outbox that Redis has not
+    acknowledged yet (read from the stores when scraped: nothing is counted
+    on the hot path).
     Spend is summed in :attr:`spend_nanos` and read when scraped too."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -47,12 +49,26 @@ class BudgetMetrics:
         scrape reads it as ``veil_budget_spend_usd_total`` (a dict update
         per call instead of a locked Prometheus counter)."""
         self._leases: list[Any] = []
+        self._outboxes: list[Any] = []
         self._closed = {"served": 0, "missed": 0, "expired": 0}
         registry.register(_LeaseCollector(self))
 
     def track(self, leases: Any) -> None:
         """Report the counts of a store's :class:`~veil_budget.redis_lease.Leases`."""
         self._leases.append(leases)
+
+    def track_outbox(self, outbox: Any) -> None:
+        """Report how many settles a store's :class:`~veil_budget.redis_outbox.Outbox` holds."""
+        self._outboxes.append(outbox)
+
+    def untrack_outbox(self, outbox: Any) -> None:
+        """Stop reading ``outbox`` (its store closed)."""
+        if outbox in self._outboxes:
+            self._outboxes.remove(outbox)
+
+    def outbox_unacked(self) -> int:
+        """Settles Redis has not acknowledged, over the open stores' outboxes."""
+        return sum(outbox.unacked() for outbox in self._outboxes)
 
     def untrack(self, leases: Any) -> None:
         """Stop reading ``leases`` (its store closed), keeping its counts."""
@@ -113,4 +129,9 @@ class _LeaseCollector:
         )
         yield GaugeMetricFamily(
             "veil_budget_leases_open", "Leases this process holds.", value=counts["open"]
+        )
+        yield GaugeMetricFamily(
+            "veil_budget_outbox_unacked",
+            "Settles in this process's Redis outbox that Redis has not acknowledged yet.",
+            value=self.metrics.outbox_unacked(),
         )

@@ -186,6 +186,9 @@ class BudgetStage:
         leases = getattr(self.store, "leases", None)
         if leases is not None and metrics is not None:
             metrics.track(leases)
+        outbox = getattr(self.store, "outbox", None)
+        if outbox is not None and metrics is not None:
+            metrics.track_outbox(outbox)
         if self.active:
             load_encoding_soon()  # for streams that end without usage; loads off the loop
 
@@ -197,6 +200,9 @@ class BudgetStage:
             leases = getattr(store, "leases", None)
             if leases is not None and self.metrics is not None:
                 self.metrics.untrack(leases)
+            outbox = getattr(store, "outbox", None)
+            if outbox is not None and self.metrics is not None:
+                self.metrics.untrack_outbox(outbox)
 
     # -- request ------------------------------------------------------------------
 
