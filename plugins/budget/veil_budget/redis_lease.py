@@ -85,12 +85,21 @@ _OFTEN_S = 1.0
 """A lease topped up again within this long doubles."""
 _RETRY_S = 1.0
 """How long a kind of call goes without a lease after Redis refused one."""
+_new = tuple.__new__  # a NamedTuple without its Python-level __new__ (see stage.py)
 
 
 def _short(lease: Lease, amount: int, buckets: dict[str, Bucket]) -> bool:
     """``lease`` does not hold ``amount`` or a bucket's take."""
     tokens = lease.tokens
     return lease.held < amount or any(tokens[key] < b.take for key, b in buckets.items())
+
+
+def _low(lease: Lease, amount: int, buckets: dict[str, Bucket], calls: int) -> bool:
+    """``lease`` holds less than ``calls`` calls of ``amount`` and the buckets' takes."""
+    tokens = lease.tokens
+    return lease.held < amount * calls or any(
+        tokens[key] < b.take * calls for key, b in buckets.items()
+    )
 
 
 class Lease:
@@ -268,11 +277,8 @@ class Leases:
         lease.used_at = now
         self.served += 1
         self._served[rid] = (lease, amount, tuple(takes))
-        low = lease.calls // 2 + 1
         if not lease.busy:
-            if lease.held < amount * low or any(
-                tokens[k] < b.take * low for k, b in buckets.items()
-            ):
+            if _low(lease, amount, buckets, lease.calls // 2 + 1):
                 if (
                     now - lease.topped_at < _OFTEN_S
                     and lease.calls < self.lease_calls * _MAX_GROWTH
@@ -284,12 +290,14 @@ class Leases:
         held = lease.held
         committed = {key: total - held for key, total in lease.known.items()}
         states = {}
+        levels = lease.levels
         for key, (capacity, window) in lease.windows.items():
-            left = lease.levels[key] + tokens[key]
-            states[key] = BucketState(
-                max(0, math.floor(left)), max(0.0, (capacity - left) * window / capacity)
+            left = levels[key] + tokens[key]
+            reset_s = (capacity - left) * window / capacity
+            states[key] = _new(
+                BucketState, (math.floor(left) if left > 0 else 0, reset_s if reset_s > 0 else 0.0)
             )
-        return Granted(committed, states)
+        return _new(Granted, (committed, states))
 
     def want(self, amount: int, shape: Shape, buckets: dict[str, Bucket]) -> None:
         """A call of ``shape`` was reserved in Redis: ask for a lease on its
