@@ -150,6 +150,20 @@ def test_a_full_outbox_keeps_only_the_unacknowledged(tmp_path: Path) -> None:
         again.close()
 
 
+def test_orphans_too_many_for_one_outbox_are_all_taken_over(tmp_path: Path) -> None:
+    boxes = [Outbox(tmp_path, size=4096) for _ in range(3)]
+    ops = [b'["s","r%d","1","",["team:a"],"%s",1,1]' % (n, b"x" * 40) for n in range(60)]
+    for n, op in enumerate(ops):  # 20 of about 100 bytes each: each outbox half full
+        assert boxes[n % 3].add(op)
+    for box in boxes:
+        box.close()
+    taker = Outbox(tmp_path, size=4096)  # 6 KB to take over: it grows
+    try:
+        assert sorted(op for _, op in taker.due()) == sorted(ops)
+    finally:
+        taker.close()
+
+
 def test_lease_charges_a_killed_replica_had_not_sent_are_sent_by_the_next(
     url: str, tmp_path: Path
 ) -> None:

@@ -112,7 +112,6 @@ class Outbox:
         self.path = path
         orphans: list[tuple[Path, int]] = []
         try:
-            self.journal = Journal(path, size)
             left = unacknowledged(read_frames(path)[1])
             for other in sorted(directory.glob(_PREFIX + "*")):
                 if other == path or not other.name[len(_PREFIX) :].isdigit():
@@ -122,6 +121,9 @@ class Outbox:
                     continue  # a live process's
                 orphans.append((other, fd))
                 left += unacknowledged(read_frames(other)[1])
+            # room for what it takes over (several full orphans), and as much again
+            needed = sum(len(op) + 32 for op in left) * 2
+            self.journal = Journal(path, max(size, needed))
         except BaseException:
             for _, fd in orphans:
                 os.close(fd)
