@@ -150,9 +150,9 @@ class Journal:
         generation: the new frames overwrite the old from the start, the rest
         of the file is zeroed from its first byte on (so a reader stops
         right after the new frames), and only then is a missing header
-        written. A crash at any point leaves the old frames or the new ones,
-        except while a frame is being copied (a torn frame ends the journal
-        there).
+        written. A crash before the zeroing can leave old frames readable
+        after the new ones (a record read twice); one while a frame is being
+        copied (microseconds) ends the journal at the torn frame.
 
         :raises JournalFull: the payloads do not fit.
         """
