@@ -132,20 +132,23 @@ def test_an_orphan_is_emptied_once_its_settles_are_copied(tmp_path: Path) -> Non
 def test_a_full_outbox_keeps_only_the_unacknowledged(tmp_path: Path) -> None:
     box = Outbox(tmp_path, size=4096)
     try:
-        kept = box.add(_op(0))
+        assert box.add(_op(0))
         for n in range(1, 2000):  # far more than 4 KB of frames
             box.ack([box.add(_op(n))])
         assert box.unacked() == 1
         ids = [box.add(_op(n)) for n in range(100)]  # more than fits unacknowledged
-        assert 0 in ids and ids[0] != 0
-        assert box.unacked() == 1 + sum(1 for i in ids if i)
+        kept = [i for i in ids if i]
+        assert ids[0] and len(kept) < 100 and box.skipped == 100 - len(kept)
+        box.ack(kept[: len(kept) // 2])  # not yet half of the outbox: still refused
+        assert box.add(_op(100)) == 0
+        box.ack(kept[len(kept) // 2 : -1])  # now it is: kept again
+        assert box.add(_op(101))
     finally:
         box.close()
     again = Outbox(tmp_path, size=4096)
     try:
-        due = [op for _, op in again.due()]
-        assert due[0] == _op(0) and len(due) == 1 + sum(1 for i in ids if i)
-        assert kept
+        last = ids.index(kept[-1])  # the one settle of the 100 still unacknowledged
+        assert [op for _, op in again.due()] == [_op(0), _op(last), _op(101)]
     finally:
         again.close()
 
