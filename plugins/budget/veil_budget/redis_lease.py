@@ -94,6 +94,16 @@ def _short(lease: Lease, amount: int, buckets: dict[str, Bucket]) -> bool:
     return lease.held < amount or any(tokens[key] < b.take for key, b in buckets.items())
 
 
+def _charge_op(
+    lease: Lease, cost: int, back: int, field: str, prompt: int, completion: int, calls: int
+) -> bytes:
+    """The script's ``"c"`` operation: ``calls`` calls served from ``lease``
+    cost ``cost`` together, and ``back`` more leaves the lease."""
+    return orjson.dumps(
+        ["c", lease.rid, str(cost), str(back), list(lease.limits), field, prompt, completion, calls]
+    )
+
+
 def _low(lease: Lease, amount: int, buckets: dict[str, Bucket], calls: int) -> bool:
     """``lease`` holds less than ``calls`` calls of ``amount`` and the buckets' takes."""
     tokens = lease.tokens
@@ -345,19 +355,7 @@ class Leases:
         charge[4] += usage.completion_tokens
         outbox = self.outbox
         if outbox is not None:  # this call alone, as plain spend if its lease is gone
-            op = orjson.dumps(
-                [
-                    "c",
-                    lease.rid,
-                    str(cost),
-                    "0",
-                    list(lease.limits),
-                    field,
-                    usage.prompt_tokens,
-                    usage.completion_tokens,
-                    1,
-                ]
-            )
+            op = _charge_op(lease, cost, 0, field, usage.prompt_tokens, usage.completion_tokens, 1)
             charge[6].append(outbox.add(op))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.linger_s, self.flush)
@@ -374,12 +372,8 @@ class Leases:
         if not self._charges:
             return
         charges, self._charges = self._charges, {}
-        for (rid, field), (cost, back, calls, prompt, completion, lease, ids) in charges.items():
-            counters = list(lease.limits)
-            op = orjson.dumps(
-                ["c", rid, str(cost), str(back), counters, field, prompt, completion, calls]
-            )
-            future = self._submit(op)
+        for (_, field), (cost, back, calls, prompt, completion, lease, ids) in charges.items():
+            future = self._submit(_charge_op(lease, cost, back, field, prompt, completion, calls))
             self.sent.add(future)
             future.add_done_callback(functools.partial(self._charged, calls, cost, ids))
 
