@@ -73,8 +73,9 @@ def _digest(call: Call, body: dict[str, Any]) -> str:
 def exact_key(call: Call) -> str:
     """The key of the call's request (see the module doc)."""
     request = call.request
-    body = {k: v for k, v in request.items() if k not in IGNORED}
-    return _digest(call, body)
+    if IGNORED.isdisjoint(request):  # most non-streaming requests: no copy
+        return _digest(call, request)
+    return _digest(call, {k: v for k, v in request.items() if k not in IGNORED})
 
 
 def _last_user_index(messages: Any) -> int | None:

@@ -40,13 +40,14 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import orjson
 import structlog
 
 from veil import BadRequest, Call
-from veil.types import Usage
+from veil.types import Decision, Usage
 
 from .embed import Embedder, Vector
 from .keys import exact_key, last_user_text, partition_key
@@ -105,6 +106,10 @@ class _Miss:
 
 
 _HIT = "hit"
+_NO_DETAIL: MappingProxyType[str, Any] = MappingProxyType({})
+_MISSED = Decision("cache", "miss", _NO_DETAIL)
+_STORED = Decision("cache", "stored", _NO_DETAIL)
+"""The two decisions of every miss, made once: immutable, so calls share them."""
 
 
 class CacheStage:
@@ -120,6 +125,8 @@ class CacheStage:
         self.threshold = settings.semantic.threshold
         self.max_chars = settings.semantic.max_chars
         self.store: Store | None = None
+        self._memory: MemoryStore | None = None  # the store, when it never waits
+        self._shared = False
         self.embedder: Embedder | None = None
         self.counters: dict[str, int] = dict.fromkeys(
             ("hits", "semantic_hits", "misses", "stored", "bypassed", "store_errors"), 0
@@ -136,6 +143,8 @@ class CacheStage:
             check = getattr(self.store, "check_key", None)
             if check is not None:
                 await check()
+            self._memory = self.store if isinstance(self.store, MemoryStore) else None
+            self._shared = self.store.shared
         if self.semantic and self.embedder is None:
             self.embedder = embedder or await asyncio.to_thread(Embedder)
 
@@ -143,6 +152,7 @@ class CacheStage:
         """Close the store."""
         if self.store is not None:
             store, self.store = self.store, None
+            self._memory, self._shared = None, False
             await store.close()
 
     # -- request --------------------------------------------------------------------
@@ -194,7 +204,10 @@ class CacheStage:
         miss = _Miss(key)
         if lookup:
             try:
-                value = await store.get(team, key)
+                memory = self._memory
+                value = (
+                    memory.get_now(team, key) if memory is not None else await store.get(team, key)
+                )
                 match = "exact"
                 similarity = 1.0
                 if value is None and self.semantic:
@@ -216,7 +229,7 @@ class CacheStage:
         call.scratch[self.name] = miss
         call.response_headers[HEADER] = "miss"
         self._count("misses")
-        call.decide(self.name, "miss")
+        call.decisions.append(_MISSED)
 
     async def _nearest(self, call: Call, store: Store, miss: _Miss) -> tuple[str, float] | None:
         """Embed the last user message (off the loop) and find the closest
@@ -269,7 +282,13 @@ class CacheStage:
             return
         team = call.principal.team
         try:
-            if not await store.put(team, mine.key, value):
+            memory = self._memory
+            stored = (
+                memory.put_now(team, mine.key, value)
+                if memory is not None
+                else await store.put(team, mine.key, value)
+            )
+            if not stored:
                 return
             if self.semantic and self.embedder is not None:
                 if mine.vector is None:  # no-cache: the question was not embedded
@@ -283,7 +302,7 @@ class CacheStage:
             self._store_failed(call, "put", e)
             return
         self._count("stored")
-        call.decide(self.name, "stored")
+        call.decisions.append(_STORED)
 
     async def stats(self) -> dict[str, Any]:
         """The store's figures and this process's counters."""
@@ -298,18 +317,21 @@ class CacheStage:
 
     def _count(self, what: str) -> None:
         self.counters[what] += 1
-        store = self.store
-        if store is not None and store.shared:
-            store.count(what)
+        if self._shared and self.store is not None:
+            self.store.count(what)
 
 
 def _storable(answer: dict[str, Any] | None) -> bool:
+    """A complete answer: every choice finished (no error, no cut-off stream)."""
     if not isinstance(answer, dict):
         return False
     choices = answer.get("choices")
     if not isinstance(choices, list) or not choices:
         return False
-    return all(isinstance(c, dict) and c.get("finish_reason") in _STORABLE_FINISH for c in choices)
+    for c in choices:
+        if not isinstance(c, dict) or c.get("finish_reason") not in _STORABLE_FINISH:
+            return False
+    return True
 
 
 def _plain_stream(request: dict[str, Any]) -> bool:

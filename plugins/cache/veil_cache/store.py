@@ -96,7 +96,9 @@ class MemoryStore:
         self._entries: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
         self._partitions: OrderedDict[tuple[str, str], _Partition] = OrderedDict()
 
-    async def get(self, team: str, key: str) -> bytes | None:
+    def get_now(self, team: str, key: str) -> bytes | None:
+        """:meth:`get` without a coroutine: the memory store never waits, so
+        the cache stage calls this one directly (a coroutine saved per call)."""
         k = (team, key)
         found = self._entries.get(k)
         if found is None:
@@ -107,23 +109,31 @@ class MemoryStore:
         self._entries.move_to_end(k)
         return found[1]
 
+    async def get(self, team: str, key: str) -> bytes | None:
+        return self.get_now(team, key)
+
     def _drop(self, k: tuple[str, str]) -> None:
         _, value = self._entries.pop(k)
         self.bytes -= len(value) + ENTRY_OVERHEAD
 
-    async def put(self, team: str, key: str, value: bytes) -> bool:
+    def put_now(self, team: str, key: str, value: bytes) -> bool:
+        """:meth:`put` without a coroutine (see :meth:`get_now`)."""
         size = len(value) + ENTRY_OVERHEAD
         if len(value) > self.max_entry_bytes or size > self.max_bytes:
             return False
         k = (team, key)
-        if k in self._entries:
-            self._drop(k)
         entries = self._entries
+        if k in entries:
+            self._drop(k)
+        evict = entries.popitem
         while entries and (len(entries) >= self.max_entries or self.bytes + size > self.max_bytes):
-            self._drop(next(iter(entries)))
+            self.bytes -= len(evict(last=False)[1][1]) + ENTRY_OVERHEAD
         entries[k] = (time.monotonic() + self.ttl_s, value)
         self.bytes += size
         return True
+
+    async def put(self, team: str, key: str, value: bytes) -> bool:
+        return self.put_now(team, key, value)
 
     async def add_vector(self, team: str, partition: str, key: str, vector: Vector) -> None:
         k = (team, partition)
