@@ -168,15 +168,23 @@ def plan(cfg: Config, targets: list[str], soak: bool) -> list[Step]:
 class Progress:
     """One line per step on stderr, printed before it starts, with an ETA for the run."""
 
-    def __init__(self, steps: list[Step], stream: Any = sys.stderr) -> None:
+    def __init__(
+        self, steps: list[Step], stream: Any = sys.stderr, alongside: frozenset[int] = frozenset()
+    ) -> None:
+        """``alongside``: indexes of steps that run at the same time as the step
+        before them (they add nothing to the time left)."""
         self.steps = steps
         self.stream = stream
+        self.alongside = alongside
         self.started = time.monotonic()
         self.planned_done = 0.0
 
+    def _cost(self, index: int) -> float:
+        return 0.0 if index in self.alongside else self.steps[index].duration_s + STEP_OVERHEAD_S
+
     def before(self, index: int) -> None:
         step = self.steps[index]
-        remaining = sum(s.duration_s + STEP_OVERHEAD_S for s in self.steps[index:])
+        remaining = sum(self._cost(i) for i in range(index, len(self.steps)))
         elapsed = time.monotonic() - self.started
         factor = elapsed / self.planned_done if self.planned_done > 0 else 1.0
         eta = remaining * max(1.0, factor)
@@ -189,7 +197,7 @@ class Progress:
         )
 
     def after(self, index: int) -> None:
-        self.planned_done += self.steps[index].duration_s + STEP_OVERHEAD_S
+        self.planned_done += self._cost(index)
 
 
 def note(message: str) -> None:

@@ -36,6 +36,7 @@ import signal
 import statistics
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -69,6 +70,7 @@ __all__ = [
     "run_plan",
     "start_gateways",
     "start_mock",
+    "step_groups",
     "summarize",
     "upstream_line",
 ]
@@ -348,10 +350,35 @@ def _errors(sample: Sample) -> str:
     )
 
 
+def step_groups(steps: list[Step], paired: bool) -> list[list[int]]:
+    """Indexes of the steps run together: one each, or with ``paired`` the steps of
+    one kind, round, mode and connection count (every gateway of a cell)."""
+    groups: list[list[int]] = []
+    for i, step in enumerate(steps):
+        if paired and groups:
+            last = steps[groups[-1][-1]]
+            if (last.kind, last.round, last.mode, last.conns) == (
+                step.kind,
+                step.round,
+                step.mode,
+                step.conns,
+            ):
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
 def run_plan(
-    sc: StageScenario, setup: Setup, gen: LoadGenerator, steps: list[Step], result: dict[str, Any]
+    sc: StageScenario,
+    setup: Setup,
+    gen: LoadGenerator,
+    steps: list[Step],
+    result: dict[str, Any],
+    paired: bool = False,
 ) -> Samples:
-    """Run every step; count the requests served per gateway in
+    """Run every step (with ``paired``, the gateways of a cell at the same time, each
+    with its own load generator); count the requests served per gateway in
     ``result["requests_served"]``; stop (``BenchError``) at a load with errors or when
     a gateway exits. The measured samples."""
     body_files = {}
@@ -361,25 +388,36 @@ def run_plan(
         body_files[mode] = path
     served = result.setdefault("requests_served", {})
     samples: Samples = {}
-    progress = Progress(steps)
-    for i, step in enumerate(steps):
-        progress.before(i)
-        side = sc.side_pid(setup, step.target)
-        s0 = tree_cpu_seconds(side) if side else 0.0
+    groups = step_groups(steps, paired)
+    progress = Progress(steps, alongside=frozenset(i for g in groups for i in g[1:]))
+
+    def load(step: Step) -> Sample:
         body = sc.body_file(setup, step.target, step.mode, body_files[step.mode])
-        sample = measure(gen, setup.sup, setup.running[step.target], step, {step.mode: body})
-        s1 = tree_cpu_seconds(side) if side else 0.0
-        progress.after(i)
-        n = sample.load.requests
-        what = " ".join(step.label().split())
-        served[step.target] = served.get(step.target, 0) + n
-        if sample.load.errors or n == 0:
-            raise BenchError(f"{what}: {_errors(sample)}")
-        if setup.gateways[step.target].proc.poll() is not None:
-            raise BenchError(f"gateway {step.target} exited during {what}")
-        if step.kind == "measure":
-            side_ms = (s1 - s0) * 1000 / n if side else None
-            samples.setdefault((step.target, step.mode, step.conns), []).append((sample, side_ms))
+        return measure(gen, setup.sup, setup.running[step.target], step, {step.mode: body})
+
+    with ThreadPoolExecutor(max_workers=max(1, len(setup.running))) as pool:
+        for group in groups:
+            for i in group:
+                progress.before(i)
+            sides = {i: sc.side_pid(setup, steps[i].target) for i in group}
+            s0 = {i: tree_cpu_seconds(p) for i, p in sides.items() if p}
+            loads = [pool.submit(load, steps[i]) for i in group]
+            measured = [f.result() for f in loads]
+            s1 = {i: tree_cpu_seconds(p) for i, p in sides.items() if p}
+            for i, sample in zip(group, measured, strict=True):
+                step = steps[i]
+                progress.after(i)
+                n = sample.load.requests
+                what = " ".join(step.label().split())
+                served[step.target] = served.get(step.target, 0) + n
+                if sample.load.errors or n == 0:
+                    raise BenchError(f"{what}: {_errors(sample)}")
+                if setup.gateways[step.target].proc.poll() is not None:
+                    raise BenchError(f"gateway {step.target} exited during {what}")
+                if step.kind == "measure":
+                    side_ms = (s1[i] - s0[i]) * 1000 / n if i in s0 else None
+                    cell = samples.setdefault((step.target, step.mode, step.conns), [])
+                    cell.append((sample, side_ms))
     return samples
 
 
@@ -567,6 +605,15 @@ def build_parser(sc: StageScenario) -> argparse.ArgumentParser:
             help=sc.select_help,
         )
     parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="load the gateways of a cell at the same time, each with its own load "
+        "generator and connections, instead of one after another: whatever else the "
+        "machine does then falls on all of them alike (much less spread between rounds; "
+        "each gateway gets a share of the cores, so ratios at 16 connections differ from "
+        "a sequential run's)",
+    )
+    parser.add_argument(
         "--loadgen",
         choices=("auto", "wrk", "python"),
         default="auto",
@@ -639,7 +686,7 @@ def _measure(
     sc.preflight(setup, gateways)
     modes, conns = meta["modes"], meta["connections"]
     steps = make_plan(targets, modes, conns, meta["duration_s"], meta["warmup_s"], meta["rounds"])
-    samples = run_plan(sc, setup, gen, steps, result)
+    samples = run_plan(sc, setup, gen, steps, result, paired=meta["paired"])
     sc.after_load(setup, result)
     cells, medians = summarize(sc, samples, targets, modes, conns)
     result["cells"] = cells
@@ -667,6 +714,7 @@ def main(sc: StageScenario, argv: list[str] | None = None) -> int:
             "warmup_s": args.warmup if args.warmup is not None else (1 if args.quick else 2),
             "rounds": args.repeat or (1 if args.quick else 4),
             "connections": args.connections,
+            "paired": args.paired,
             "modes": list(MODES),
             "limit": sc.limit,
             "host": {"cpus": os.cpu_count(), "python": platform.python_version()},

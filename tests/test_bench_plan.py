@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from bench.stage_cpu import make_plan
+from bench.stage_cpu import make_plan, step_groups
 
 
 def test_the_order_of_each_pair_alternates_between_rounds() -> None:
@@ -31,3 +31,17 @@ def test_warm_ups_come_once_before_each_mode_of_the_first_round() -> None:
     warm = [s for s in steps if s.kind == "warmup"]
     assert [s.target for s in warm] == ["core", "budget", "redis"]
     assert steps[:3] == warm
+
+
+def test_paired_runs_every_gateway_of_a_cell_together_and_only_those() -> None:
+    targets = ["core", "sqlite", "redis"]
+    steps = make_plan(targets, ["nonstream", "stream"], [1, 16], 6, 2, 2)
+    assert step_groups(steps, paired=False) == [[i] for i in range(len(steps))]
+    groups = step_groups(steps, paired=True)
+    assert sorted(i for g in groups for i in g) == list(range(len(steps)))
+    for g in groups:
+        cell = {(steps[i].kind, steps[i].round, steps[i].mode, steps[i].conns) for i in g}
+        assert len(cell) == 1  # one kind, round, mode and connection count
+        assert sorted(steps[i].target for i in g) == sorted(targets)  # each gateway once
+    # warm-ups of 2 modes, then 2 rounds x 2 modes x 2 connection counts
+    assert len(groups) == 2 + 2 * 2 * 2
