@@ -10,7 +10,8 @@ rest, the same way for every scenario:
    gateways (``pipeline = [stage]``);
 2. run the scenario's pre-flight checks, then the interleaved plan (a warm-up per
    gateway and mode, then for each round, mode and connection count every gateway in
-   turn, in an order that alternates from one round to the next) with wrk or
+   turn, in an order that alternates from one round to the next; with ``--paired``
+   every gateway of a cell at the same time, each with its own load) with wrk or
    bench/loadgen.py; a load with any error stops the run;
 3. in each (mode, connections) cell, the median CPU ms/req over the rounds of each
    gateway gives the ratio ``<gateway>/core``; a gateway's target is the median of its
@@ -511,7 +512,9 @@ def render(sc: StageScenario, result: dict[str, Any], targets: list[str]) -> str
     rps_cols = [(t, _width(f"{t} rps", sc.rps_width)) for t in targets]
     lines = [
         f"{sc.stage} stage: gateway CPU ms per request (process tree; median of {rounds} "
-        f"round{'s' if rounds != 1 else ''}), load generator {result['meta']['loadgen']}",
+        f"round{'s' if rounds != 1 else ''}"
+        f"{'; gateways loaded together' if result['meta'].get('paired') else ''}), "
+        f"load generator {result['meta']['loadgen']}",
         "",
         f"{'mode':<10}{'conns':>6}"
         + "".join(f"{t:>9}" for t in targets)
