@@ -107,8 +107,9 @@ class _Miss:
 
 _HIT = "hit"
 _NO_DETAIL: MappingProxyType[str, Any] = MappingProxyType({})
-_MISSED = Decision("cache", "miss", _NO_DETAIL)
-_STORED = Decision("cache", "stored", _NO_DETAIL)
+_NAME = "cache"
+_MISSED = Decision(_NAME, "miss", _NO_DETAIL)
+_STORED = Decision(_NAME, "stored", _NO_DETAIL)
 """The two decisions of every miss, made once: immutable, so calls share them."""
 
 
@@ -116,7 +117,7 @@ class CacheStage:
     """See the module doc. One per policy load; the store is opened in
     :meth:`start` (``veil_startup``)."""
 
-    name = "cache"
+    name = _NAME
 
     def __init__(self, settings: CacheSettings) -> None:
         self.settings = settings
@@ -126,7 +127,6 @@ class CacheStage:
         self.max_chars = settings.semantic.max_chars
         self.store: Store | None = None
         self._memory: MemoryStore | None = None  # the store, when it never waits
-        self._shared = False
         self.embedder: Embedder | None = None
         self.counters: dict[str, int] = dict.fromkeys(
             ("hits", "semantic_hits", "misses", "stored", "bypassed", "store_errors"), 0
@@ -144,7 +144,6 @@ class CacheStage:
             if check is not None:
                 await check()
             self._memory = self.store if isinstance(self.store, MemoryStore) else None
-            self._shared = self.store.shared
         if self.semantic and self.embedder is None:
             self.embedder = embedder or await asyncio.to_thread(Embedder)
 
@@ -152,7 +151,7 @@ class CacheStage:
         """Close the store."""
         if self.store is not None:
             store, self.store = self.store, None
-            self._memory, self._shared = None, False
+            self._memory = None
             await store.close()
 
     # -- request --------------------------------------------------------------------
@@ -317,8 +316,9 @@ class CacheStage:
 
     def _count(self, what: str) -> None:
         self.counters[what] += 1
-        if self._shared and self.store is not None:
-            self.store.count(what)
+        store = self.store
+        if store is not None and store.shared:
+            store.count(what)
 
 
 def _storable(answer: dict[str, Any] | None) -> bool:
