@@ -346,9 +346,13 @@ def test_unknown_provider_is_refused_at_load() -> None:
         Runtime.build(p, Metrics())
 
 
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "wrapped"])
+@pytest.mark.parametrize("kind", ["stream_text", "stream_chunks"])
 def test_a_stage_can_ask_for_the_streamed_text_without_wrapping_the_stream(
     policy_kit: PolicyKit,
     start_gateway,  # noqa: ANN001
+    kind: str,
+    wrapped: bool,
 ) -> None:
     seen: dict[str, Any] = {}
 
@@ -356,23 +360,39 @@ def test_a_stage_can_ask_for_the_streamed_text_without_wrapping_the_stream(
         name = "counter"
 
         async def on_request(self, call: Call) -> None:
-            call.stream_text = []
+            setattr(call, kind, [])
 
         async def on_response(self, call: Call) -> None:
-            seen["text"] = "".join(call.stream_text or [])
+            seen["text"] = call.streamed_text()
+            seen["kept"] = getattr(call, kind)
+
+    class Watcher:  # another stage's wrapper: the core's other stream path
+        name = "watcher"
+
+        async def wrap_stream(self, call: Call, chunks: Any) -> Any:
+            async for chunk in chunks:
+                yield chunk
 
     class Impl:
+        def __init__(self, stage: Any) -> None:
+            self.stage = stage
+
         @hookimpl
         def veil_register_stages(self, register: Any, settings: Any) -> None:
-            register(Counter())
+            register(self.stage)
 
-    path = policy_kit.write(policy_toml(pipeline=["counter"]))
-    gw = start_gateway(path, {"counter": Impl()})
-    assert not gw.gateway.runtime.pipeline.stream  # no wrapper in the chunks' way
+    pipeline = ["counter", "watcher"] if wrapped else ["counter"]
+    path = policy_kit.write(policy_toml(pipeline=pipeline))
+    plugins = {"counter": Impl(Counter()), "watcher": Impl(Watcher())}
+    gw = start_gateway(path, {name: plugins[name] for name in pipeline})
+    assert bool(gw.gateway.runtime.pipeline.stream) is wrapped
     with openai.OpenAI(base_url=gw.url + "/v1", api_key=TEST_KEY, max_retries=0) as c:
         chunks = list(c.chat.completions.create(model="mock-model", messages=MSG, stream=True))
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert streamed and seen["text"] == streamed
+    if kind == "stream_chunks":  # the upstream's chunks, and the usage chunk the core asked for
+        kept = seen["kept"]
+        assert len(kept) == len(chunks) + 1 and kept[-1]["usage"]["completion_tokens"] > 0
 
 
 class Finisher:

@@ -35,7 +35,7 @@ from .pipeline import Pipeline
 from .plugins import PluginHost
 from .policy.model import Policy
 from .registry import ProviderRegistrar, RouteRegistrar, RouteSpec, StageRegistrar, StageSpec
-from .types import Call, CallKind, Chunk, Deployment, Principal, RouteDecision, Usage
+from .types import Call, CallKind, Chunk, Deployment, Principal, RouteDecision, Usage, keep_text
 
 __all__ = ["Runtime"]
 
@@ -462,13 +462,16 @@ async def _observe(call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Ch
     """Note usage as it passes; close the upstream when done or abandoned.
     The time the stream flowed counts as upstream time."""
     t0 = time.perf_counter()
+    text, kept = call.stream_text, call.stream_chunks
     try:
         async for chunk in chunks:
             usage = chunk.get("usage")
             if usage:
                 call.usage = Usage.from_openai(usage)
-            if call.stream_text is not None:
-                _keep_text(call.stream_text, chunk)
+            if text is not None:
+                keep_text(text, chunk)
+            elif kept is not None:
+                kept.append(chunk)
             yield chunk
     finally:
         call.upstream_seconds += time.perf_counter() - t0
@@ -483,10 +486,13 @@ async def _observe_for_client(
     """:func:`_observe` and :func:`_for_client` in one generator, for
     pipelines without stream wrappers (one generator less per chunk)."""
     t0 = time.perf_counter()
+    text, kept = call.stream_text, call.stream_chunks
     try:
         async for chunk in chunks:
-            if call.stream_text is not None:
-                _keep_text(call.stream_text, chunk)
+            if text is not None:
+                keep_text(text, chunk)
+            elif kept is not None:
+                kept.append(chunk)
             usage = chunk.get("usage")
             if usage:
                 call.usage = Usage.from_openai(usage)
@@ -498,27 +504,6 @@ async def _observe_for_client(
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
-
-
-def _keep_text(out: list[str], chunk: Chunk) -> None:
-    """Append a chunk's delta text and tool-call arguments to ``out``."""
-    choices = chunk.get("choices")
-    if not choices or type(choices) is not list:
-        return
-    for choice in choices:
-        delta = choice.get("delta") if type(choice) is dict else None
-        if not delta or type(delta) is not dict:
-            continue
-        text = delta.get("content")
-        if text and type(text) is str:
-            out.append(text)
-        tools = delta.get("tool_calls")
-        if tools and type(tools) is list:
-            for tool in tools:
-                fn = tool.get("function") if type(tool) is dict else None
-                args = fn.get("arguments") if type(fn) is dict else None
-                if args and type(args) is str:
-                    out.append(args)
 
 
 async def _for_client(chunks: AsyncIterator[Chunk], include_usage: bool) -> AsyncIterator[Chunk]:

@@ -29,6 +29,7 @@ __all__ = [
     "RouteDecision",
     "Stage",
     "Usage",
+    "keep_text",
 ]
 
 Chunk = dict[str, Any]
@@ -176,7 +177,13 @@ class Call:
     an empty list in ``on_request``; the core then appends each chunk's
     delta ``content`` and tool-call ``arguments`` as they arrive from the
     upstream, before any stage's ``wrap_stream`` sees the chunk. Cheaper
-    than a ``wrap_stream`` that only watches.
+    than a ``wrap_stream`` that only watches. ``stream_chunks``: the
+    cheaper kind for a stage that only needs an estimate: set it to an empty
+    list and the core appends each upstream chunk itself, by reference (no
+    text taken out per chunk); later stages may change a chunk in place (the
+    PII stage restores values into it), so never use it for text that must
+    be exact, such as what a cache stores. :meth:`streamed_text` gives the
+    text of either.
     """
 
     id: str
@@ -201,10 +208,46 @@ class Call:
     attempts: int = 0
     failovers: int = 0
     stream_text: list[str] | None = None
+    stream_chunks: list[Chunk] | None = None
 
     def decide(self, stage: str, action: str, **detail: Any) -> None:
         """Record a decision for audit (ids, counts and types only)."""
         self.decisions.append(Decision(stage, action, detail))
+
+    def streamed_text(self) -> str:
+        """The text the upstream streamed so far (delta ``content`` and
+        tool-call ``arguments``): from ``stream_text`` when a stage asked for
+        it, else taken out of ``stream_chunks``; ``""`` when no stage asked
+        for either (see the class doc)."""
+        if self.stream_text is not None:
+            return "".join(self.stream_text)
+        if not self.stream_chunks:
+            return ""
+        out: list[str] = []
+        for chunk in self.stream_chunks:
+            keep_text(out, chunk)
+        return "".join(out)
+
+
+def keep_text(out: list[str], chunk: Chunk) -> None:
+    """Append a stream chunk's delta text and tool-call arguments to ``out``."""
+    choices = chunk.get("choices")
+    if not choices or type(choices) is not list:
+        return
+    for choice in choices:
+        delta = choice.get("delta") if type(choice) is dict else None
+        if not delta or type(delta) is not dict:
+            continue
+        text = delta.get("content")
+        if text and type(text) is str:
+            out.append(text)
+        tools = delta.get("tool_calls")
+        if tools and type(tools) is list:
+            for tool in tools:
+                fn = tool.get("function") if type(tool) is dict else None
+                args = fn.get("arguments") if type(fn) is dict else None
+                if args and type(args) is str:
+                    out.append(args)
 
 
 @runtime_checkable
