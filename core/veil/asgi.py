@@ -128,17 +128,31 @@ async def _read_body(receive: Any, headers: dict[str, str], limit: int) -> Any:
         ) from None
 
 
+_NAMES: dict[str, bytes] = {}
+"""Response header names as sent (lower-cased, latin-1): the stages' few
+names, each encoded once."""
+
+
+def _name(key: str) -> bytes:
+    name = key.lower().encode("latin-1")
+    if len(_NAMES) < 1024:
+        _NAMES[key] = name
+    return name
+
+
 def _raw_headers(call: Call | None, rid: str, extra: dict[str, str] | None = None) -> list[Any]:
     out = [(b"x-request-id", rid.encode("latin-1"))]
+    names = _NAMES
     if call is not None:
         if call.deployment is not None:
             out.append((b"x-veil-model", call.deployment.name.encode("latin-1")))
         if call.route is not None and call.route.reason != "policy":
             out.append((b"x-veil-route", call.route.reason.encode("latin-1")))
         for k, v in call.response_headers.items():
-            out.append((k.lower().encode("latin-1"), v.encode("latin-1")))
-    for k, v in (extra or {}).items():
-        out.append((k.lower().encode("latin-1"), v.encode("latin-1")))
+            out.append((names.get(k) or _name(k), v.encode("latin-1")))
+    if extra:
+        for k, v in extra.items():
+            out.append((names.get(k) or _name(k), v.encode("latin-1")))
     return out
 
 
