@@ -222,6 +222,29 @@ def test_served_calls_carry_remaining_budget_and_rate_headers(
         assert float(second.headers["x-veil-budget-remaining-usd"]) == pytest.approx(0.8)
 
 
+def test_the_rate_headers_show_the_tightest_bucket_of_each_kind(
+    budget_gateway: Callable[..., ServerThread], mock_upstream: ServerThread
+) -> None:
+    fixed_usage(mock_upstream)
+    gw = budget_gateway(
+        budgets=[team_budget(1.0)],
+        rate_limits=[
+            {"scope": "key", "rpm": 100, "tpm": 100000},
+            {"scope": "team", "rpm": 5, "tpm": 200000},
+        ],
+    )
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key=TEST_KEY, max_retries=0) as client:
+        for left in ("4", "3"):
+            h = client.chat.completions.with_raw_response.create(
+                model="priced", messages=[{"role": "user", "content": "hi"}], max_tokens=100
+            ).headers
+            assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) == (
+                "5",
+                left,
+            )
+            assert h["x-ratelimit-limit-tokens"] == "100000"  # the key's: fewer tokens left
+
+
 def test_a_call_without_an_output_cap_gets_the_default_one(
     budget_gateway: Callable[..., ServerThread], mock_upstream: ServerThread
 ) -> None:

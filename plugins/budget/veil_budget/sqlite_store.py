@@ -41,6 +41,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+import orjson
 import structlog
 
 from .journal import Journal, JournalFull, read_frames
@@ -99,9 +100,9 @@ _FOLD_RECORDS = 20_000
 """Fold at once when this many settles are waiting."""
 
 
-def _today() -> str:
-    """The UTC day, ``YYYY-MM-DD`` (recomputed once a minute)."""
-    minute = int(time.time() // 60)
+def _day_of(minute: int) -> str:
+    """The UTC day, ``YYYY-MM-DD``, of ``minute`` (minutes since the epoch;
+    worked out once a minute)."""
     if _DAY[0] != minute:
         _DAY[0], _DAY[1] = minute, time.strftime("%Y-%m-%d", time.gmtime(minute * 60))
     return str(_DAY[1])
@@ -114,9 +115,10 @@ class StoreBusy(RuntimeError):
     """Another gateway process owns this SQLite store."""
 
 
-_Reservation = tuple[int, tuple[str, ...], dict[str, int], float]
-"""A reservation in memory: its amount, its counters' keys, what it took
-from each token bucket, and its deadline (``time.monotonic``)."""
+_Reservation = tuple[int, dict[str, int], dict[str, int] | None, float]
+"""A reservation in memory: its amount, its counters (keys; the values are
+the totals it was granted at), what it took from each token bucket (``None``:
+none), and its deadline (``time.monotonic``)."""
 
 _new = tuple.__new__  # a NamedTuple without its Python-level __new__ (see stage.py)
 
@@ -220,11 +222,12 @@ class SqliteStore:
                 reserved[key] = left
             else:
                 del reserved[key]
-        for key, took in tokens.items():
-            bucket = self._buckets.get(key)
-            if bucket is not None and used is not None:
-                back = took - used
-                bucket[0] = min(bucket[2], bucket[0] + back)
+        if tokens and used is not None:
+            for key, took in tokens.items():
+                bucket = self._buckets.get(key)
+                if bucket is not None:
+                    back = took - used
+                    bucket[0] = min(bucket[2], bucket[0] + back)
         return res
 
     # -- the Store protocol -------------------------------------------------------
@@ -237,7 +240,20 @@ class SqliteStore:
         buckets: list[Bucket],
         ttl_s: float,
     ) -> Granted | Denied:
-        """See :meth:`veil_budget.store.Store.reserve`."""
+        """See :meth:`veil_budget.store.Store.reserve` (runs :meth:`reserve_now`)."""
+        return self.reserve_now(rid, amount, counters, buckets, ttl_s)
+
+    def reserve_now(
+        self,
+        rid: str,
+        amount: int,
+        counters: list[Counter],
+        buckets: list[Bucket],
+        ttl_s: float,
+    ) -> Granted | Denied:
+        """:meth:`reserve` without a coroutine (it never waits). A bucket
+        listed twice is taken from twice: the second check sees what the
+        first took."""
         now = time.monotonic()
         pending = self._pending
         if pending and len(pending) % 64 == 0:
@@ -255,7 +271,8 @@ class SqliteStore:
                 if total > limit:
                     return Denied("budget", key, None, total - amount)
             committed[key] = total  # a key listed twice: checked against each limit
-        states = []
+        out: dict[str, BucketState] = {}
+        tokens: dict[str, int] | None = None
         levels = self._buckets
         for b in buckets:
             key, capacity, take, window_s = b
@@ -268,46 +285,58 @@ class SqliteStore:
                 state[0] = level if level < capacity else float(capacity)
                 state[1] = now
             if state[0] < take:
+                for earlier in buckets:  # nothing is taken: give back what this call took
+                    if earlier is b:
+                        break
+                    levels[earlier[0]][0] += earlier[2]
                 return Denied("rate", key, (take - state[0]) * window_s / capacity)
-            states.append(state)
-        out = {}
-        tokens: dict[str, int] = {}
-        for (key, capacity, take, window_s), state in zip(buckets, states, strict=True):
             left = state[0] = state[0] - take
             if take > 1:
-                tokens[key] = tokens.get(key, 0) + take
+                if tokens is None:
+                    tokens = {key: take}
+                else:
+                    tokens[key] = tokens.get(key, 0) + take
             out[key] = _new(BucketState, (int(left), (capacity - left) * window_s / capacity))
         for key in committed:
             reserved[key] = reserved.get(key, 0) + amount
-        pending[rid] = (amount, tuple(committed), tokens, now + ttl_s)
+        pending[rid] = (amount, committed, tokens, now + ttl_s)
         return _new(Granted, (committed, out))
 
     async def settle(
         self, rid: str, cost: int, counters: list[str], tokens: int | None, usage: Usage
     ) -> None:
-        """See :meth:`veil_budget.store.Store.settle`. The cost is in the
-        journal when this returns (see the module doc).
+        """See :meth:`veil_budget.store.Store.settle` (runs :meth:`settle_now`)."""
+        self.settle_now(rid, cost, counters, tokens, usage)
+
+    def settle_now(
+        self, rid: str, cost: int, counters: list[str], tokens: int | None, usage: Usage
+    ) -> None:
+        """:meth:`settle` without a coroutine (it never waits). The cost is
+        in the journal when this returns (see the module doc).
 
         :raises sqlite3.Error: the journal was full and could not be folded;
             nothing changed (the reservation stays until it expires, so the
             budget still counts it).
         """
         keys = list(dict.fromkeys(counters))
-        record = [time.time(), keys, cost, _today(), *usage]
+        now = time.time()
+        record = [now, keys, cost, _day_of(int(now // 60)), *usage]
+        payload = orjson.dumps(record)
         try:
-            self.journal.append(record)
+            self.journal.append_bytes(payload)
         except JournalFull:
             self.fold()
-            self.journal.append(record)
-        self._unfolded.append(record)
+            self.journal.append_bytes(payload)
+        unfolded = self._unfolded
+        unfolded.append(record)
         if cost:
-            unfolded, spent = self._unfolded_spent, self._spent
+            deltas, spent = self._unfolded_spent, self._spent
             for key in keys:
-                unfolded[key] = unfolded.get(key, 0) + cost
+                deltas[key] = deltas.get(key, 0) + cost
                 if key in spent:
                     spent[key] += cost
         self._drop(rid, used=tokens)
-        if len(self._unfolded) >= _FOLD_RECORDS:
+        if len(unfolded) >= _FOLD_RECORDS:
             self.fold()
         elif self._fold_timer is None:
             loop = asyncio.get_running_loop()

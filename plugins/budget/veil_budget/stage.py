@@ -125,7 +125,7 @@ def sqlite_path(settings: BudgetSettings, state_dir: Path | None = None) -> Path
 
 
 def _usd(nanos: int) -> str:
-    return f"{max(nanos, 0) / NANO:.6f}"
+    return "%.6f" % (nanos / NANO) if nanos > 0 else "0.000000"
 
 
 def _duration(seconds: float) -> str:
@@ -151,7 +151,16 @@ class _Plan:
     caps: list[tuple[Applied, int]]
     soft: list[Applied]
     shapes: list[tuple[RateLimitRule, str, Bucket]]
-    tpm: bool
+    buckets: list[Bucket]
+    """The shapes' buckets, as the store takes them (a token bucket's
+    ``take`` is replaced by each call's tokens)."""
+    token_slots: tuple[int, ...]
+    """Where the token buckets are in ``buckets``."""
+    rate_headers: tuple[tuple[str, str, str, str, str], ...] | None
+    """With at most one bucket of each kind (nothing to choose per call):
+    each bucket's key, its limit header's name and value, and the names of
+    its remaining and reset headers; ``None``: :func:`_rate_headers` picks
+    the tightest per call."""
 
 
 class BudgetStage:
@@ -244,22 +253,14 @@ class BudgetStage:
             _set_output_cap(request, output)
             amount = _nanos(prompt, in_price, output * n, out_price)
         tokens = prompt + output * n
-        buckets = [  # a request bucket takes 1: the plan's own; a token bucket, this call's
-            (rule, kind, b if kind == "requests" else _new(Bucket, (b[0], b[1], tokens, b[3])))
-            for rule, kind, b in plan.shapes
-        ]
-        if plan.tpm:
-            for rule, _kind, bucket in buckets:
-                if bucket.take > bucket.capacity:
-                    self._count("refused", "rate")
-                    call.decide(self.name, "refused", reason="rate", limit=bucket.key)
-                    raise Refused(
-                        f"this call may use up to {bucket.take} tokens, more than the "
-                        f"{rule.scope} limit of {bucket.capacity} tokens per minute; lower "
-                        "max_tokens or split the prompt",
-                        type="tokens",
-                        code="rate_limit_exceeded",
-                    )
+        takes = plan.buckets  # a request bucket takes 1: the plan's own
+        if plan.token_slots:  # a token bucket takes this call's tokens: a copy
+            takes = takes.copy()
+            for i in plan.token_slots:
+                b = takes[i]
+                if tokens > b[1]:
+                    self._too_many_tokens(call, plan.shapes[i][0], b, tokens)
+                takes[i] = _new(Bucket, (b[0], b[1], tokens, b[3]))
         store = self.store
         # the store's id of this reservation: never the request id, which the
         # client may choose (two calls sharing one would share one reservation)
@@ -267,9 +268,11 @@ class BudgetStage:
         try:
             if store is None:
                 raise RuntimeError("the budget store is not open")
-            result = await store.reserve(
-                rid, amount, plan.counters, [b for _, _, b in buckets], s.reservation_ttl_s
-            )
+            reserve_now = getattr(store, "reserve_now", None)  # one that never waits
+            if reserve_now is not None:
+                result = reserve_now(rid, amount, plan.counters, takes, s.reservation_ttl_s)
+            else:
+                result = await store.reserve(rid, amount, plan.counters, takes, s.reservation_ttl_s)
         except asyncio.CancelledError:  # the client left: the reservation may be in place
             if store is not None:
                 self._release_later(store, rid, call.id)
@@ -286,11 +289,26 @@ class BudgetStage:
                 "the budget store is unavailable, so the call cannot be metered; the request "
                 "was not forwarded"
             ) from None
-        if isinstance(result, Denied):
-            self._refuse(call, result, plan.applied, buckets, amount)
+        if type(result) is Denied:
+            self._refuse(call, result, plan, takes, amount)
         headers = call.response_headers
-        if buckets:
-            _rate_headers(headers, buckets, result.buckets)
+        template = plan.rate_headers
+        if template is not None:
+            states = result.buckets
+            for key, limit_name, capacity, remaining_name, reset_name in template:
+                state = states.get(key)
+                if state is not None:
+                    units, reset = state
+                    headers[limit_name] = capacity
+                    headers[remaining_name] = str(units) if units > 0 else "0"
+                    headers[reset_name] = (
+                        f"{int(reset * 1000)}ms" if 0 < reset < 1 else _duration(reset)
+                    )
+        elif takes:
+            shapes = [
+                (rule, kind, b) for (rule, kind, _), b in zip(plan.shapes, takes, strict=True)
+            ]
+            _rate_headers(headers, shapes, result.buckets)
         if plan.applied:
             committed = result.committed
             remaining = None
@@ -303,8 +321,8 @@ class BudgetStage:
                 self._soft(call, plan.soft, committed)
         # the call's one decision is made when it is settled or released
         call.scratch[_STATE] = [plan.keys, amount, False, rid, len(plan.applied)]
-        if call.stream:
-            call.stream_text = []
+        if call.stream:  # for a stream that ends without usage: counted then
+            call.stream_chunks = []
 
     def _release_later(self, store: Store, rid: str, request_id: str) -> None:
         """Release reservation ``rid`` in the background (its call was
@@ -370,7 +388,9 @@ class BudgetStage:
             ],
             soft=[a for a in applied if a.soft is not None],
             shapes=shapes,
-            tpm=any(shape[1] == "tokens" for shape in shapes),
+            buckets=[bucket for _, _, bucket in shapes],
+            token_slots=tuple(i for i, shape in enumerate(shapes) if shape[1] == "tokens"),
+            rate_headers=_header_template(shapes),
         )
 
     def _worst_prices(self, call: Call) -> tuple[float, float]:
@@ -396,16 +416,24 @@ class BudgetStage:
             prices = self._prices[deps] = _max_prices(deps)
         return prices
 
+    def _too_many_tokens(
+        self, call: Call, rule: RateLimitRule, bucket: Bucket, tokens: int
+    ) -> NoReturn:
+        """Refuse a call that may use more tokens than a token bucket holds when full."""
+        self._count("refused", "rate")
+        call.decide(self.name, "refused", reason="rate", limit=bucket.key)
+        raise Refused(
+            f"this call may use up to {tokens} tokens, more than the {rule.scope} limit of "
+            f"{bucket.capacity} tokens per minute; lower max_tokens or split the prompt",
+            type="tokens",
+            code="rate_limit_exceeded",
+        )
+
     def _refuse(
-        self,
-        call: Call,
-        denied: Denied,
-        applied: list[Applied],
-        buckets: list[tuple[RateLimitRule, str, Any]],
-        amount: int,
+        self, call: Call, denied: Denied, plan: _Plan, takes: list[Bucket], amount: int
     ) -> NoReturn:
         if denied.kind == "budget":
-            a = next(a for a in applied if a.counter.key == denied.key)
+            a = next(a for a in plan.applied if a.counter.key == denied.key)
             end = period_end(a.rule.period, dt.datetime.now(dt.UTC))
             when = f"; it resets at {end:%Y-%m-%dT%H:%MZ}" if end else ""
             self._count("refused", "budget")
@@ -418,7 +446,8 @@ class BudgetStage:
                 code="budget_exceeded",
                 headers={"x-veil-budget-exceeded": a.rule.name},
             )
-        rule, kind, bucket = next(b for b in buckets if b[2].key == denied.key)
+        i = next(i for i, b in enumerate(takes) if b.key == denied.key)
+        (rule, kind, _), bucket = plan.shapes[i], takes[i]
         self._count("refused", "rate")
         call.decide(self.name, "refused", reason="rate", limit=denied.key)
         wait = denied.retry_after_s or 0.0
@@ -471,10 +500,13 @@ class BudgetStage:
     async def _settle(self, call: Call, mine: list[Any], *, finished: bool) -> None:
         mine[2] = True
         keys, amount = mine[0], mine[1]
-        if call.usage is None and call.deployment is not None:
-            with contextlib.suppress(Exception):  # _usage falls back to a bound then
-                await encoding_ready()  # counted below; loaded at start, normally long done
-        usage, counted = _usage(call)
+        usage = call.usage
+        counted = False
+        if usage is None:
+            if call.deployment is not None:
+                with contextlib.suppress(Exception):  # _usage falls back to a bound then
+                    await encoding_ready()  # counted below; loaded at start, normally long done
+            usage, counted = _usage(call)
         dep = call.deployment
         cost = round(dep.cost(usage) * NANO) if dep is not None else 0
         model = dep.name if dep is not None else str(call.request.get("model") or "")
@@ -494,9 +526,12 @@ class BudgetStage:
         try:
             if store is None:
                 raise RuntimeError("the budget store is not open")
-            await store.settle(
-                mine[3], cost, keys, usage.prompt_tokens + usage.completion_tokens, record
-            )
+            used = usage.prompt_tokens + usage.completion_tokens
+            settle_now = getattr(store, "settle_now", None)  # one that never waits
+            if settle_now is not None:
+                settle_now(mine[3], cost, keys, used, record)
+            else:
+                await store.settle(mine[3], cost, keys, used, record)
         except Exception as e:  # noqa: BLE001 - logged loudly with the amount; never raised
             self._count("store_error", "settle")
             log.error(
@@ -530,9 +565,9 @@ def _usage(call: Call) -> tuple[CallUsage, bool]:
         return call.usage, False
     if call.deployment is None:
         return CallUsage(), False
-    streamed = call.stream_text
+    streamed = call.streamed_text() if call.stream else ""
     if streamed:
-        answers = ["".join(streamed)]
+        answers = [streamed]
     else:
         answers = [
             str((c.get("message") or {}).get("content") or "")
@@ -583,18 +618,25 @@ def _set_output_cap(request: dict[str, Any], cap: int) -> None:
     request["max_completion_tokens"] = min(request.get("max_completion_tokens") or cap, cap)
 
 
+def _header_template(
+    shapes: list[tuple[RateLimitRule, str, Bucket]],
+) -> tuple[tuple[str, str, str, str, str], ...] | None:
+    """:attr:`_Plan.rate_headers` for these buckets (``None`` with two of one kind)."""
+    kinds = [kind for _, kind, _ in shapes]
+    if len(set(kinds)) != len(kinds):
+        return None
+    return tuple(
+        (bucket.key, _HEADER_NAMES[kind][0], str(bucket.capacity), *_HEADER_NAMES[kind][1:])
+        for _, kind, bucket in shapes
+    )
+
+
 def _rate_headers(
     headers: dict[str, str],
     buckets: list[tuple[RateLimitRule, str, Any]],
     states: dict[str, BucketState],
 ) -> None:
     """OpenAI's ``x-ratelimit-*`` headers, from the tightest bucket of each kind."""
-    if len(buckets) == 2 and buckets[0][1] != buckets[1][1]:  # one rpm, one tpm: no choice
-        for _, kind, bucket in buckets:
-            state = states.get(bucket.key)
-            if state is not None:
-                _set_rate_headers(headers, kind, bucket.capacity, state)
-        return
     tightest: dict[str, tuple[int, BucketState]] = {}
     for _, kind, bucket in buckets:
         state = states.get(bucket.key)
