@@ -405,6 +405,8 @@ def run_plan(
             loads = [pool.submit(load, steps[i]) for i in group]
             measured = [f.result() for f in loads]
             s1 = {i: tree_cpu_seconds(p) for i, p in sides.items() if p}
+            if len(group) > 1:
+                _share_upstream(measured)
             for i, sample in zip(group, measured, strict=True):
                 step = steps[i]
                 progress.after(i)
@@ -420,6 +422,17 @@ def run_plan(
                     cell = samples.setdefault((step.target, step.mode, step.conns), [])
                     cell.append((sample, side_ms))
     return samples
+
+
+def _share_upstream(measured: list[Sample]) -> None:
+    """Gateways loaded together share the mock: its CPU over a load's seconds
+    served every gateway's requests, so it is divided by all of them (the
+    loads' windows are the same seconds, give or take their start-up)."""
+    total = sum(sample.load.requests for sample in measured)
+    for sample in measured:
+        if sample.upstream_cpu_ms_per_req is not None and total:
+            mock_ms = sample.upstream_cpu_ms_per_req * sample.load.requests
+            sample.upstream_cpu_ms_per_req = mock_ms / total
 
 
 # -- results --------------------------------------------------------------------------
@@ -501,6 +514,11 @@ def upstream_line(result: dict[str, Any], targets: list[str]) -> str | None:
     ]
     if not mock:
         return None
+    if result["meta"].get("paired"):  # one mock served the gateways loaded together
+        return (
+            "mock upstream CPU ms/req over every gateway's requests (loaded together), "
+            "median over cells, read beside each: " + ", ".join(mock)
+        )
     return "mock upstream CPU ms/req behind each gateway, median over cells: " + ", ".join(mock)
 
 

@@ -45,3 +45,19 @@ def test_paired_runs_every_gateway_of_a_cell_together_and_only_those() -> None:
         assert sorted(steps[i].target for i in g) == sorted(targets)  # each gateway once
     # warm-ups of 2 modes, then 2 rounds x 2 modes x 2 connection counts
     assert len(groups) == 2 + 2 * 2 * 2
+
+
+def test_paired_gateways_share_the_mock_s_cpu_by_every_request_it_served() -> None:
+    from bench.harness import Sample
+    from bench.load import LoadResult
+    from bench.stage_cpu import _share_upstream
+
+    def sample(requests: int, mock_ms_per_req: float) -> Sample:
+        load = LoadResult(requests, 6.0, requests / 6, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0)
+        return Sample(load, 0.5, mock_ms_per_req, 50.0, 0.0)
+
+    # the mock spent 300 ms in the window; each gateway's own count made it look
+    # like 0.3 and 0.6 ms per request behind the faster and the slower one
+    fast, slow = sample(1000, 0.3), sample(500, 0.6)
+    _share_upstream([fast, slow])
+    assert fast.upstream_cpu_ms_per_req == slow.upstream_cpu_ms_per_req == 0.2
