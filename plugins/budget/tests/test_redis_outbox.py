@@ -6,12 +6,15 @@ twice; one slot per live process, orphans taken over once."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 import redis
 from budgettest import run
@@ -266,3 +269,49 @@ def test_settles_that_redis_refused_are_sent_again_once_it_takes_them(
                 await store.close()
 
         run(main())
+
+
+def _row(team: str) -> str:
+    return f'["{team}","k1","","gpt-4o"]\x1f'
+
+
+def test_the_report_shows_what_outboxes_hold_beside_redis_s_totals(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    budget_policy: Any,
+) -> None:
+    import json
+
+    from veil_budget.redis_outbox import Waiting, waiting
+
+    redis_server.command("FLUSHALL")
+    box = Outbox(tmp_path)  # a process that died with three settles unsent, one sent
+    settled = [
+        box.add(orjson.dumps(["s", "r1", "2000000", "", [TEAM], _row("alpha"), 10, 5])),
+        box.add(orjson.dumps(["s", "r2", "3000000", "", [TEAM], _row("alpha"), 10, 5])),
+        box.add(orjson.dumps(["c", "lease:x:1", "4000000", "0", [], _row("beta"), 30, 15, 3])),
+    ]
+    box.ack(settled[:1])
+    box.close()
+    assert waiting(tmp_path) == Waiting(files=1, calls=4, cost=7_000_000)
+    assert waiting(tmp_path, "alpha") == Waiting(files=1, calls=1, cost=3_000_000)
+    assert waiting(tmp_path / "nothing-here") == Waiting(0, 0, 0)
+
+    policy = budget_policy(store="redis")
+
+    def veil(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "veil", "budget", "report", *args, "--policy", str(policy),
+             "--state-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "VEIL_BUDGET_REDIS_URL": redis_server.url},
+        )  # fmt: skip
+
+    out = veil("--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["calls"] == 0  # Redis has none of them: beside the totals, not in them
+    assert doc["outbox"] == {"calls": 4, "usd": 0.007, "files": 1}
+    text = veil("--team", "beta").stdout
+    assert "not yet in Redis: $0.004000 of 3 calls in 1 outbox file(s)" in text
+    assert "not yet in Redis" not in veil("--since", "2999-01-01").stdout

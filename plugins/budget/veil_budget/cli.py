@@ -24,10 +24,11 @@ from urllib.parse import quote
 import click
 from pydantic import ValidationError
 
+from .redis_outbox import Waiting, waiting
 from .report import DIMENSIONS, summarize
 from .rules import period_stamp
 from .settings import BudgetSettings
-from .store import SpendRow
+from .store import NANO, SpendRow
 
 __all__ = ["budget"]
 
@@ -43,7 +44,10 @@ _STATE = click.option(
     type=click.Path(file_okay=False, path_type=Path),
     envvar="VEIL_STATE_DIR",
     default=None,
-    help="The gateway's state directory, where a relative sqlite_path lives (env VEIL_STATE_DIR).",
+    help=(
+        "The gateway's state directory, where a relative sqlite_path lives and a Redis "
+        "store's outboxes (env VEIL_STATE_DIR)."
+    ),
 )
 
 
@@ -159,14 +163,31 @@ def report(
     except OSError as e:
         _fail(3, f"cannot reach the budget store: {e}")
     summary = summarize(rows, dims, team)
+    extra: dict[str, Any] = {}
+    if settings.store == "redis":
+        directory = state_dir or Path(".")
+        today = dt.datetime.now(dt.UTC).date().isoformat()  # Redis records them as of today
+        look = directory.is_dir() and (since is None or since <= today)
+        try:
+            held = waiting(directory, team) if look else Waiting(0, 0, 0)
+        except OSError as e:
+            _fail(3, f"cannot read the budget outboxes in {directory}: {e}")
+        extra["outbox"] = {"calls": held.calls, "usd": held.cost / NANO, "files": held.files}
     if as_json:
-        click.echo(json.dumps({"since": since, "team": team, **summary}, indent=2))
+        click.echo(json.dumps({"since": since, "team": team, **summary, **extra}, indent=2))
         return
     click.echo(
         f"spend since {since or 'the start'}{f' (team {team})' if team else ''}: "
         f"${summary['total_usd']:.6f} in {summary['calls']} calls "
         f"({summary['prompt_tokens']} prompt + {summary['completion_tokens']} completion tokens)"
     )
+    if extra.get("outbox", {}).get("calls"):
+        box = extra["outbox"]
+        click.echo(
+            f"not yet in Redis: ${box['usd']:.6f} of {box['calls']} calls in {box['files']} "
+            f"outbox file(s) under {state_dir or Path('.')}, not counted above (a gateway "
+            "that starts with this state directory sends them; some may already be in)"
+        )
     for dim in dims:
         click.echo(f"\nby {dim}:")
         entries = summary[f"by_{dim}"] or [{dim: "-", "cost_usd": 0.0, "calls": 0}]

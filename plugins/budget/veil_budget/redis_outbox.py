@@ -39,6 +39,7 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ import structlog
 
 from .journal import Journal, JournalFull, read_frames
 
-__all__ = ["MAX_SLOTS", "Outbox", "unacknowledged"]
+__all__ = ["MAX_SLOTS", "Outbox", "Waiting", "unacknowledged", "waiting"]
 
 log = structlog.get_logger("veil.budget")
 
@@ -56,7 +57,7 @@ MAX_SLOTS = 1024
 _PREFIX = "budget-outbox."
 
 
-def unacknowledged(frames: list[Any]) -> list[bytes]:
+def _pending(frames: list[Any]) -> list[Any]:
     """The operations of ``frames`` (an outbox's, in order) with no
     acknowledgement, in the order they were added."""
     ops: dict[int, Any] = {}
@@ -68,7 +69,61 @@ def unacknowledged(frames: list[Any]) -> list[bytes]:
                 ops.pop(i, None)
         elif len(frame) == 2 and isinstance(frame[0], int):
             ops[frame[0]] = frame[1]
-    return [orjson.dumps(op) for op in ops.values()]
+    return list(ops.values())
+
+
+def unacknowledged(frames: list[Any]) -> list[bytes]:
+    """:func:`_pending`, each operation encoded as it is sent."""
+    return [orjson.dumps(op) for op in _pending(frames)]
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Settles the outboxes of a state directory hold that Redis has not
+    acknowledged (see :func:`waiting`)."""
+
+    files: int
+    """Outbox files holding any."""
+    calls: int
+    cost: int
+    """Nano-dollars."""
+
+
+def waiting(directory: Path, team: str | None = None) -> Waiting:
+    """What the outboxes in ``directory`` hold unacknowledged (only ``team``'s
+    calls, if given), read without taking them over: a live process's
+    settles of the last few milliseconds, and everything a process that died
+    left for the next one to send. Some of it Redis may have run already (a
+    batch whose reply its process did not live to see), so it is reported
+    beside the totals, never added to them.
+
+    :raises OSError: a file cannot be read.
+    """
+    files = calls = cost = 0
+    for path in sorted(directory.glob(_PREFIX + "*")):
+        if not path.name[len(_PREFIX) :].isdigit():
+            continue
+        found = False
+        for op in _pending(read_frames(path)[1]):
+            # ["s", rid, cost, tokens, counters, field, ...] or ["c", lease, cost, back,
+            # limits, field, prompt, completion, calls]: field is the report row's JSON + \x1f
+            if not isinstance(op, list) or len(op) < 8 or op[0] not in ("s", "c"):
+                continue
+            if team is not None and _team_of(op[5]) != team:
+                continue
+            found = True
+            calls += int(op[8]) if op[0] == "c" and len(op) > 8 else 1
+            cost += int(op[2])
+        files += found
+    return Waiting(files, calls, cost)
+
+
+def _team_of(field: Any) -> str | None:
+    try:
+        row = orjson.loads(str(field).rstrip("\x1f"))
+    except orjson.JSONDecodeError:
+        return None
+    return row[0] if isinstance(row, list) and row else None
 
 
 def _lock(path: Path) -> int | None:
