@@ -183,6 +183,27 @@ def test_a_bucket_listed_twice_adds_its_takes(url: str) -> None:
     run(main())
 
 
+def test_a_call_s_shape_worked_out_once_follows_its_counters_and_buckets(url: str) -> None:
+    async def main() -> None:
+        async with opened(url) as s:
+            counters = [Counter("team:alpha", 1000)]
+            rpm = [Bucket("rpm:k1", 100, 1, 60.0)]
+            for rid in ("r1", "r2"):  # the second from what the first worked out
+                assert isinstance(await s.reserve(rid, 10, counters, rpm, 30), Granted)
+            counters[0] = Counter("team:alpha", 25)  # the same list, a lower limit
+            denied = await s.reserve("r3", 10, counters, rpm, 30)
+            assert isinstance(denied, Denied) and (denied.kind, denied.key) == (
+                "budget",
+                "team:alpha",
+            )
+            with pytest.raises(ValueError, match="take"):
+                await s.reserve("r4", 1, counters, [Bucket("rpm:k1", 100, -1, 60.0)], 30)
+            granted = await s.reserve("r5", 1, counters, [Bucket("rpm:k1", 100, 2, 60.0)], 30)
+            assert isinstance(granted, Granted) and granted.buckets["rpm:k1"].remaining == 96
+
+    run(main())
+
+
 def test_a_bucket_refuses_with_a_retry_after_and_refills(url: str) -> None:
     bucket = Bucket("rpm:k1", 2, 1, 1.0)  # 2 per second
 

@@ -63,7 +63,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
-from .redis_lease import Leases
+from .redis_lease import Leases, Shape
 from .redis_link import Batcher
 from .redis_outbox import Outbox
 from .store import Bucket, BucketState, Counter, Denied, Granted, SpendRow, Usage
@@ -502,6 +502,16 @@ def _merge_counters(counters: list[Counter]) -> dict[str, int]:
     return limits
 
 
+def _same_buckets(shapes: tuple[tuple[str, int, float], ...], buckets: list[Bucket]) -> bool:
+    """``buckets`` have the keys, capacities and windows of ``shapes``, in order."""
+    if len(shapes) != len(buckets):
+        return False
+    for (key, capacity, window_s), b in zip(shapes, buckets, strict=True):
+        if b[0] != key or b[1] != capacity or b[3] != window_s:
+            return False
+    return True
+
+
 def _merge_buckets(buckets: list[Bucket]) -> dict[str, Bucket]:
     """Bucket key -> bucket; a key listed twice is one bucket taken from
     twice: the takes add up, the smaller capacity and the longer window apply."""
@@ -604,6 +614,9 @@ class RedisStore:
             self.leases.on_charge_failed = self._charges_failed
             self._batch.on_lost = self.leases.lost
         self._fields: dict[tuple[str, ...], str] = {}
+        self._shapes: dict[tuple[Counter, ...], tuple[Any, ...]] = {}
+        """:meth:`_prepare`'s memo: counters -> (their buckets' shapes, merged
+        counters, shape, whether a bucket key repeats)."""
         self.settle_failed: Callable[[], None] | None = None
         """Called for each settle that failed (the stage counts them)."""
         register = self.client.register_script
@@ -644,14 +657,9 @@ class RedisStore:
             raise ValueError(f"amount must be >= 0, not {amount}")
         if not ttl_s > 0:
             raise ValueError(f"ttl_s must be positive, not {ttl_s}")
-        limits = _merge_counters(counters)
-        merged = _merge_buckets(buckets)
+        limits, shape, merged = self._prepare(counters, buckets)
         leases = self.leases
         if leases is not None:
-            shape = (
-                tuple(limits.items()),
-                tuple((key, b.capacity, float(b.window_s)) for key, b in merged.items()),
-            )
             granted = leases.reserve(rid, amount, shape, merged)
             if granted is not None:
                 return granted
@@ -696,11 +704,53 @@ class RedisStore:
             leases.want(amount, shape, merged)
         return Granted(committed, states)
 
+    def _prepare(
+        self, counters: list[Counter], buckets: list[Bucket]
+    ) -> tuple[dict[str, int], Shape, dict[str, Bucket]]:
+        """The merged counters (key -> limit), the call's :data:`Shape` and
+        its merged buckets (key -> bucket, this call's takes). The first two
+        are worked out once per set of counters and bucket shapes (a caller
+        has the same ones call after call); the buckets are merged per call
+        only when a key repeats.
+
+        :raises ValueError: a bucket with a capacity or window not positive,
+            or a negative take.
+        """
+        ident = tuple(counters)
+        memo = self._shapes.get(ident)
+        if memo is None or not _same_buckets(memo[0], buckets):
+            merged = _merge_buckets(buckets)
+            limits = _merge_counters(counters)
+            shape = (
+                tuple(limits.items()),
+                tuple((key, b.capacity, float(b.window_s)) for key, b in merged.items()),
+            )
+            if len(self._shapes) >= 4096:
+                self._shapes.clear()
+            shapes = tuple((b.key, b.capacity, b.window_s) for b in buckets)
+            self._shapes[ident] = (shapes, limits, shape, len(merged) < len(buckets))
+            return limits, shape, merged
+        _, limits, shape, repeats = memo
+        if repeats:
+            return limits, shape, _merge_buckets(buckets)
+        merged = {}
+        for b in buckets:
+            if b[2] < 0:
+                raise ValueError(f"bad bucket {b!r}: take >= 0")
+            merged[b[0]] = b
+        return limits, shape, merged
+
     async def settle(
         self, rid: str, cost: int, counters: list[str], tokens: int | None, usage: Usage
     ) -> None:
-        """See :meth:`veil_budget.store.Store.settle`. The report's day is the
-        Redis server's UTC day.
+        """See :meth:`veil_budget.store.Store.settle` (runs :meth:`settle_now`)."""
+        self.settle_now(rid, cost, counters, tokens, usage)
+
+    def settle_now(
+        self, rid: str, cost: int, counters: list[str], tokens: int | None, usage: Usage
+    ) -> None:
+        """:meth:`settle` without a coroutine: it never waits. The report's
+        day is the Redis server's UTC day.
 
         Returns once the settle is queued (and, with an outbox, kept in it):
         it goes to Redis with the next reserve of this process, or on its
