@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import openai
@@ -24,7 +25,15 @@ def test_same_request_twice_is_a_hit_and_the_upstream_is_called_once(
     assert (first_header, second_header) == ("miss", "hit")
     assert upstream_requests(mock_upstream) == 1
     assert second.choices[0].message.content == first.choices[0].message.content
-    assert second.id != first.id and second.id.startswith("chatcmpl-")
+    assert second.id != first.id and re.fullmatch(r"chatcmpl-[0-9a-f]{24}", second.id)
+    with client(gw, TEST_KEY) as c:
+        third = c.chat.completions.create(
+            model="mock-model",
+            temperature=0,
+            messages=user(Q),
+            extra_headers={"x-request-id": "r1"},
+        )
+    assert third.id not in (second.id, "chatcmpl-r1")  # unique, never the client's request id
     assert second.created >= first.created
     assert second.usage is not None and second.usage == first.usage
 

@@ -37,7 +37,9 @@ uncached, logged and counted.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -131,6 +133,8 @@ class CacheStage:
         self.counters: dict[str, int] = dict.fromkeys(
             ("hits", "semantic_hits", "misses", "stored", "bypassed", "store_errors"), 0
         )
+        self._id_prefix = secrets.token_hex(6)  # a hit's id: 24 hex digits, as upstreams'
+        self._ids = itertools.count()
 
     async def start(self, store: Store | None = None, embedder: Embedder | None = None) -> None:
         """Open the store and, with the semantic cache on, load the model (in a thread).
@@ -242,7 +246,8 @@ class CacheStage:
 
     def _hit(self, call: Call, value: bytes, match: str, similarity: float) -> None:
         answer = orjson.loads(value)
-        answer["id"] = "chatcmpl-" + call.id
+        # unique, shaped like an upstream's (never the client's x-request-id)
+        answer["id"] = f"chatcmpl-{self._id_prefix}{next(self._ids):012x}"
         answer["created"] = int(time.time())
         call.response = answer
         call.answered_by = self.name
