@@ -63,6 +63,17 @@ def test_a_refusal_takes_nothing(tmp_path: Path) -> None:
             refused = await store.reserve("d", 0, [Counter(TEAM, 100)], [tight], 60)
             assert isinstance(refused, Denied) and refused.kind == "rate"
             assert refused.retry_after_s is not None and 0 < refused.retry_after_s <= 60
+            # a later bucket refuses: what the earlier ones took goes back
+            roomy = Bucket("rpm:key:k2", 10, 1)
+            refused = await store.reserve("e", 0, [], [roomy, tight], 60)
+            assert isinstance(refused, Denied) and refused.key == "tpm:key:k1"
+            granted = await store.reserve("f", 0, [], [roomy], 60)
+            assert isinstance(granted, Granted) and granted.buckets["rpm:key:k2"].remaining == 9
+            # one bucket listed twice: the second take sees the first's, and both go back
+            six = Bucket("tpm:key:k3", 10, 6)
+            assert isinstance(await store.reserve("g", 0, [], [six, six], 60), Denied)
+            granted = await store.reserve("h", 0, [], [six], 60)
+            assert isinstance(granted, Granted) and granted.buckets["tpm:key:k3"].remaining == 4
         finally:
             await store.close()
 

@@ -274,7 +274,7 @@ class SqliteStore:
         out: dict[str, BucketState] = {}
         tokens: dict[str, int] | None = None
         levels = self._buckets
-        for b in buckets:
+        for i, b in enumerate(buckets):
             key, capacity, take, window_s = b
             state = levels.get(key)
             if state is None:
@@ -285,10 +285,7 @@ class SqliteStore:
                 state[0] = level if level < capacity else float(capacity)
                 state[1] = now
             if state[0] < take:
-                for earlier in buckets:  # nothing is taken: give back what this call took
-                    if earlier is b:
-                        break
-                    levels[earlier[0]][0] += earlier[2]
+                self._give_back(buckets[:i])  # nothing is taken
                 return Denied("rate", key, (take - state[0]) * window_s / capacity)
             left = state[0] = state[0] - take
             if take > 1:
@@ -301,6 +298,12 @@ class SqliteStore:
             reserved[key] = reserved.get(key, 0) + amount
         pending[rid] = (amount, committed, tokens, now + ttl_s)
         return _new(Granted, (committed, out))
+
+    def _give_back(self, taken: list[Bucket]) -> None:
+        """Return to each bucket of ``taken`` what this reservation took from it."""
+        levels = self._buckets
+        for key, _, take, _ in taken:
+            levels[key][0] += take
 
     async def settle(
         self, rid: str, cost: int, counters: list[str], tokens: int | None, usage: Usage
