@@ -315,3 +315,16 @@ def test_the_report_shows_what_outboxes_hold_beside_redis_s_totals(
     text = veil("--team", "beta").stdout
     assert "not yet in Redis: $0.004000 of 3 calls in 1 outbox file(s)" in text
     assert "not yet in Redis" not in veil("--since", "2999-01-01").stdout
+
+
+def test_an_outbox_frame_this_store_does_not_write_is_left_out_of_the_report(
+    tmp_path: Path,
+) -> None:
+    from veil_budget.redis_outbox import Waiting, waiting
+
+    box = Outbox(tmp_path)
+    box.add(orjson.dumps(["s", "r1", "not-nanos", "", [TEAM], _row("alpha"), 1, 1]))
+    box.add(orjson.dumps(["c", "lease:x:1", "5", "0", [], _row("alpha"), 1, 1, None]))
+    box.add(orjson.dumps(["s", "r2", "2000000", "", [TEAM], _row("alpha"), 10, 5]))
+    box.close()
+    assert waiting(tmp_path) == Waiting(files=1, calls=1, cost=2_000_000)

@@ -111,9 +111,13 @@ def waiting(directory: Path, team: str | None = None) -> Waiting:
                 continue
             if team is not None and _team_of(op[5]) != team:
                 continue
+            try:
+                n, nanos = (int(op[8]) if op[0] == "c" and len(op) > 8 else 1), int(op[2])
+            except (TypeError, ValueError):
+                continue  # not an operation this store writes: nothing to count
             found = True
-            calls += int(op[8]) if op[0] == "c" and len(op) > 8 else 1
-            cost += int(op[2])
+            calls += n
+            cost += nanos
         files += found
     return Waiting(files, calls, cost)
 
