@@ -18,7 +18,7 @@ import os
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 import click
@@ -69,7 +69,7 @@ def _settings(policy: Path) -> BudgetSettings:
         raise PolicyUnreadable(f"{policy}: [budget] {where}: {first['msg']}") from None
 
 
-def _fail(code: int, message: str) -> None:
+def _fail(code: int, message: str) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
@@ -83,7 +83,7 @@ async def _with_store(settings: BudgetSettings, state_dir: Path | None, work: An
             _fail(3, f"set ${settings.redis_url_env} to the Redis URL of the budget store")
         from .redis_store import RedisStore
 
-        store = RedisStore(url)  # type: ignore[arg-type]
+        store = RedisStore(url)
         try:
             return await work(store.report, store.reset)
         finally:
@@ -98,7 +98,6 @@ async def _with_store(settings: BudgetSettings, state_dir: Path | None, work: An
         _fail(3, f"cannot open the budget store {path}: {e}")
     if db is None:
         _fail(3, f"no budget store at {path}; pass the gateway's --state-dir")
-    assert db is not None
 
     async def report(since: str | None) -> list[SpendRow]:
         return read_report(db, since, journal_path(path))
@@ -163,17 +162,10 @@ def report(
     except OSError as e:
         _fail(3, f"cannot reach the budget store: {e}")
     summary = summarize(rows, dims, team)
-    extra: dict[str, Any] = {}
-    if settings.store == "redis":
-        directory = state_dir or Path(".")
-        today = dt.datetime.now(dt.UTC).date().isoformat()  # Redis records them as of today
-        look = directory.is_dir() and (since is None or since <= today)
-        try:
-            held = waiting(directory, team) if look else Waiting(0, 0, 0)
-        except OSError as e:
-            _fail(3, f"cannot read the budget outboxes in {directory}: {e}")
-        extra["outbox"] = {"calls": held.calls, "usd": held.cost / NANO, "files": held.files}
+    directory = state_dir or Path(".")
+    held = _outbox_waiting(directory, since, team) if settings.store == "redis" else None
     if as_json:
+        extra = {"outbox": _outbox_doc(held)} if held is not None else {}
         click.echo(json.dumps({"since": since, "team": team, **summary, **extra}, indent=2))
         return
     click.echo(
@@ -181,11 +173,10 @@ def report(
         f"${summary['total_usd']:.6f} in {summary['calls']} calls "
         f"({summary['prompt_tokens']} prompt + {summary['completion_tokens']} completion tokens)"
     )
-    if extra.get("outbox", {}).get("calls"):
-        box = extra["outbox"]
+    if held is not None and held.calls:
         click.echo(
-            f"not yet in Redis: ${box['usd']:.6f} of {box['calls']} calls in {box['files']} "
-            f"outbox file(s) under {state_dir or Path('.')}, not counted above (a gateway "
+            f"not yet in Redis: ${held.cost / NANO:.6f} of {held.calls} calls in {held.files} "
+            f"outbox file(s) under {directory}, not counted above (a gateway "
             "that starts with this state directory sends them; some may already be in)"
         )
     for dim in dims:
@@ -195,6 +186,22 @@ def report(
         for entry in entries:
             name = str(entry[dim] or "(none)")
             click.echo(f"  {name:<{width}}  ${entry['cost_usd']:>14.6f}  {entry['calls']:>8} calls")
+
+
+def _outbox_waiting(directory: Path, since: str | None, team: str | None) -> Waiting:
+    """What the Redis store's outboxes in ``directory`` hold unacknowledged
+    (none when ``since`` is after today: Redis records them as of today)."""
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    if not directory.is_dir() or (since is not None and since > today):
+        return Waiting(0, 0, 0)
+    try:
+        return waiting(directory, team)
+    except OSError as e:
+        _fail(3, f"cannot read the budget outboxes in {directory}: {e}")
+
+
+def _outbox_doc(held: Waiting) -> dict[str, Any]:
+    return {"calls": held.calls, "usd": held.cost / NANO, "files": held.files}
 
 
 @budget.command()

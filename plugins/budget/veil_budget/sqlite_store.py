@@ -41,7 +41,6 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-import orjson
 import structlog
 
 from .journal import Journal, JournalFull, read_frames
@@ -324,12 +323,11 @@ class SqliteStore:
         keys = list(dict.fromkeys(counters))
         now = time.time()
         record = [now, keys, cost, _day_of(int(now // 60)), *usage]
-        payload = orjson.dumps(record)
         try:
-            self.journal.append_bytes(payload)
+            self.journal.append(record)
         except JournalFull:
             self.fold()
-            self.journal.append_bytes(payload)
+            self.journal.append(record)
         unfolded = self._unfolded
         unfolded.append(record)
         if cost:

@@ -560,9 +560,9 @@ class BudgetStage:
 
 
 def _usage(call: Call) -> tuple[CallUsage, bool]:
-    """The call's usage, and whether veil counted it (no usage from upstream)."""
-    if call.usage is not None:
-        return call.usage, False
+    """The usage of a call the upstream reported none for, and whether veil
+    counted it: with tiktoken (``True``), or zero for a call that never
+    reached an upstream (``False``)."""
     if call.deployment is None:
         return CallUsage(), False
     streamed = call.streamed_text() if call.stream else ""
