@@ -11,8 +11,11 @@ library, the kernel and the load generator that make up most of a served
 call's CPU, and that a hot loop over one stage's hooks leaves out
 (response headers, decisions, objects new to every call).
 
-Each round runs ``--calls`` non-streaming calls from 16 concurrent callers
-per gateway, the two gateways alternating order from round to round; the
+Each round runs ``--calls`` calls (non-streaming; with ``--stream``,
+streaming, the stub's stream being what the bench's mock upstream sends for
+the bench body: 47 chunks, parsed from their JSON for every call the way
+the OpenAI-compatible provider does) from 16 concurrent callers per
+gateway, the two gateways alternating order from round to round; the
 figure is the process CPU time (all threads) per call, median over the
 rounds. One stage per run: a stage's threads (the audit writer, a store's)
 would be counted against the other gateways of the process.
@@ -21,6 +24,7 @@ would be counted against the other gateways of the process.
     python -m bench.serve_inprocess --stage budget-redis   # the Redis store, on a redis-server
     python -m bench.serve_inprocess --stage audit --rounds 12 --json
     python -m bench.serve_inprocess --stage cache --unique  # every call a miss
+    python -m bench.serve_inprocess --stream               # streaming calls
 
 Exit codes: 0 measured, 1 a gateway failed to start or a call failed, 2 usage.
 """
@@ -36,7 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +52,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 
 from bench import stage_cpu
 from bench.budget import budget_section
-from bench.payloads import API_KEY, MODEL, chat_body_bytes
+from bench.payloads import API_KEY, MODEL, chat_body, chat_body_bytes
 
 STAGES = ("budget", "budget-redis", "audit", "cache")
 """``budget-redis``: the budget stage with the Redis store, on a ``redis-server`` this
@@ -73,12 +77,30 @@ _ANSWER = orjson.dumps(
 )
 
 
+def _stream_frames() -> list[bytes]:
+    """The chunks the mock upstream streams for the bench body, as JSON."""
+    from veil.mock.engine import MockModel
+
+    return [orjson.dumps(c) for c in MockModel().chat_chunks(chat_body(True))]
+
+
 class InstantProvider:
-    """An upstream that answers every chat call at once (the same answer)."""
+    """An upstream that answers every chat call at once (the same answer;
+    a stream: the mock upstream's chunks for the bench body)."""
+
+    def __init__(self) -> None:
+        self._frames = _stream_frames()
 
     async def chat(self, call: Any, deployment: Any, body: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = orjson.loads(_ANSWER)
         return result
+
+    async def chat_stream(self, call: Any, deployment: Any, body: dict[str, Any]) -> Any:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
+        for frame in self._frames:
+            yield orjson.loads(frame)
 
     async def aclose(self) -> None:
         return None
@@ -137,11 +159,23 @@ async def start_gateways(names: list[str], workdir: Path) -> dict[str, Any]:
     return gateways
 
 
-def make_caller(gateway: Any, unique: bool) -> Callable[[], Awaitable[None]]:
-    """One call through ``veil.asgi.serve``; raises unless it is answered 200."""
+async def background_loads_done() -> None:
+    """Wait for what plugins load in background threads at start (the
+    budget's tokenizer: about a second of CPU), which would otherwise be
+    counted against the first rounds."""
+    try:
+        from veil_budget.tokens import encoding_ready
+    except ImportError:  # the budget plugin is not installed
+        return
+    await encoding_ready()
+
+
+def make_caller(gateway: Any, unique: bool, stream: bool = False) -> Callable[[], Awaitable[None]]:
+    """One call through ``veil.asgi.serve``; raises unless it is answered 200
+    (a stream: unless it ends with ``[DONE]``)."""
     from veil.asgi import serve
 
-    body = chat_body_bytes(False)
+    body = chat_body_bytes(stream)
     seq = iter(range(1 << 62))
     scope = {
         "type": "http",
@@ -152,19 +186,29 @@ def make_caller(gateway: Any, unique: bool) -> Callable[[], Awaitable[None]]:
             (b"authorization", f"Bearer {API_KEY}".encode()),
         ],
     }
-
-    async def receive() -> dict[str, Any]:
-        data = body.replace(b"You are", b"You are %d" % next(seq), 1) if unique else body
-        return {"type": "http.request", "body": data, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            if message["status"] != 200:
-                raise RuntimeError(f"the gateway answered {message['status']}")
-            uvicorn_header_checks(message["headers"])
+    never: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
     async def call() -> None:
+        sent = [False, False]  # the body was received; the stream's last write ended with [DONE]
+
+        async def receive() -> dict[str, Any]:
+            if sent[0]:  # a stream's disconnect watcher: the client never leaves
+                return await asyncio.shield(never)
+            sent[0] = True
+            data = body.replace(b"You are", b"You are %d" % next(seq), 1) if unique else body
+            return {"type": "http.request", "body": data, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                if message["status"] != 200:
+                    raise RuntimeError(f"the gateway answered {message['status']}")
+                uvicorn_header_checks(message["headers"])
+            elif not message.get("more_body"):
+                sent[1] = message.get("body", b"").endswith(b"data: [DONE]\n\n")
+
         await serve(gateway, "chat", scope, receive, send)
+        if stream and not sent[1]:
+            raise RuntimeError("a stream ended without [DONE]")
 
     return call
 
@@ -212,7 +256,8 @@ async def _measure(args: argparse.Namespace, names: list[str], redis: Any) -> di
     with tempfile.TemporaryDirectory(prefix="veil-inprocess-") as tmp:
         gateways = await start_gateways(names, Path(tmp))
         try:
-            callers = {n: make_caller(g, args.unique) for n, g in gateways.items()}
+            await background_loads_done()
+            callers = {n: make_caller(g, args.unique, args.stream) for n, g in gateways.items()}
             for n in names:  # warm-up: imports, first plans, the stores' first pages
                 await cpu_us_per_call(callers[n], 2000)
             samples: dict[str, list[float]] = {n: [] for n in names}
@@ -236,6 +281,7 @@ async def _measure(args: argparse.Namespace, names: list[str], redis: Any) -> di
         "calls_per_round": args.calls,
         "rounds": args.rounds,
         "unique": args.unique,
+        "stream": args.stream,
         "gateways": {
             n: {
                 "cpu_us_per_call": round(statistics.median(s), 2),
@@ -284,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--unique",
         action="store_true",
         help="make every request different (the cache's miss path)",
+    )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="streaming calls (the stub streams the mock upstream's 47 chunks)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser

@@ -261,7 +261,11 @@ def _terminate(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
 
 
 class GatewayProcess:
-    """``veil serve`` as a subprocess on a free port; ``url``, ``send_signal``, ``stop``."""
+    """``veil serve`` as a subprocess on a free port; ``url``, ``send_signal``, ``stop``.
+
+    ``command_prefix`` runs it under another program (``valgrind ...``: that
+    program must exec the gateway in its own process, so ``proc.pid`` stays
+    the gateway's)."""
 
     def __init__(
         self,
@@ -272,10 +276,12 @@ class GatewayProcess:
         state_dir: Path | None = None,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        command_prefix: Sequence[str] = (),
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [
+            *command_prefix,
             sys.executable,
             "-m",
             "veil",
