@@ -275,8 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = measure(args, note)
     except Exception as e:  # noqa: BLE001 - one line saying what failed, exit 1
-        if os.environ.get("BENCH_TRACEBACK"):
-            raise
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILED
     print(json.dumps(result) if args.json else render(result))
