@@ -159,10 +159,13 @@ async def start_gateways(names: list[str], workdir: Path) -> dict[str, Any]:
     return gateways
 
 
-async def background_loads_done() -> None:
-    """Wait for what plugins load in background threads at start (the
-    budget's tokenizer: about a second of CPU), which would otherwise be
-    counted against the first rounds."""
+async def background_loads_done(names: list[str]) -> None:
+    """Wait for what the stages of ``names`` load in background threads at
+    start (the budget's tokenizer: about a second of CPU), which would
+    otherwise be counted against the first rounds. Nothing is started for
+    gateways without the budget stage."""
+    if not any(name.startswith("budget") for name in names):
+        return
     try:
         from veil_budget.tokens import encoding_ready
     except ImportError:  # the budget plugin is not installed
@@ -256,7 +259,7 @@ async def _measure(args: argparse.Namespace, names: list[str], redis: Any) -> di
     with tempfile.TemporaryDirectory(prefix="veil-inprocess-") as tmp:
         gateways = await start_gateways(names, Path(tmp))
         try:
-            await background_loads_done()
+            await background_loads_done(names)
             callers = {n: make_caller(g, args.unique, args.stream) for n, g in gateways.items()}
             for n in names:  # warm-up: imports, first plans, the stores' first pages
                 await cpu_us_per_call(callers[n], 2000)

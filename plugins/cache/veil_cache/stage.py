@@ -42,7 +42,6 @@ import os
 import secrets
 import time
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -108,10 +107,9 @@ class _Miss:
 
 
 _HIT = "hit"
-_NO_DETAIL: MappingProxyType[str, Any] = MappingProxyType({})
 _NAME = "cache"
-_MISSED = Decision(_NAME, "miss", _NO_DETAIL)
-_STORED = Decision(_NAME, "stored", _NO_DETAIL)
+_MISSED = Decision(_NAME, "miss")
+_STORED = Decision(_NAME, "stored")
 """The two decisions of every miss, made once: immutable, so calls share them."""
 
 
