@@ -16,6 +16,7 @@ from veil import BadRequest, Call, Chunk, hookimpl
 from veil.errors import PluginError, PolicyError
 from veil.metrics import Metrics
 from veil.policy import parse_policy
+from veil.registry import StageRegistrar
 from veil.runtime import Runtime
 from veil.testing import TEST_KEY, PolicyKit, policy_toml
 
@@ -214,6 +215,88 @@ def test_stage_can_answer_a_call_itself(policy_kit: PolicyKit, start_gateway) ->
     assert chunks[-1].usage.total_tokens == 4
 
 
+class PlainHooks:
+    """A stage whose hooks are plain functions: done at once (``None``), or
+    returning the awaitable that finishes them (``wait`` seconds)."""
+
+    name = "plain"
+
+    def __init__(self, log: list[str], wait: float | None = None) -> None:
+        self.log, self.wait = log, wait
+
+    def _later(self, what: str) -> Any:
+        if self.wait is None:
+            self.log.append(what)
+            return None
+
+        async def finish() -> None:
+            await asyncio.sleep(self.wait or 0)
+            self.log.append(what + " after waiting")
+
+        return finish()
+
+    def on_request(self, call: Call) -> Any:
+        return self._later("request")
+
+    def on_response(self, call: Call) -> Any:
+        call.response_headers["x-plain"] = "seen"
+        return self._later("response")
+
+    def on_error(self, call: Call, error: Exception) -> Any:
+        return self._later(f"error:{type(error).__name__}")
+
+    def on_finish(self, call: Call) -> Any:
+        return self._later("finish")
+
+
+def _plain_plugin(stage: Any) -> Any:
+    class Impl:
+        @hookimpl
+        def veil_register_stages(self, register: Any) -> None:
+            register(stage)
+
+    return Impl()
+
+
+@pytest.mark.parametrize("wait", [None, 0.0], ids=["done-at-once", "returns-awaitable"])
+def test_stage_hooks_may_be_plain_functions(
+    policy_kit: PolicyKit,
+    start_gateway,  # noqa: ANN001
+    wait: float | None,
+) -> None:
+    log: list[str] = []
+    path = policy_kit.write(policy_toml(pipeline=["plain"]))
+    gw = start_gateway(path, {"plain": _plain_plugin(PlainHooks(log, wait))})
+    r = _chat(gw)
+    assert r.headers["x-plain"] == "seen"
+    suffix = "" if wait is None else " after waiting"
+    assert log == [f"{h}{suffix}" for h in ("request", "response", "finish")]
+
+
+def test_a_plain_hooks_awaitable_is_held_to_the_stage_timeout(
+    policy_kit: PolicyKit,
+    start_gateway,  # noqa: ANN001
+) -> None:
+    log: list[str] = []
+    path = policy_kit.write(policy_toml(pipeline=["plain"], plugins={"plain": {"timeout_ms": 50}}))
+    gw = start_gateway(path, {"plain": _plain_plugin(PlainHooks(log, wait=1))})
+    with pytest.raises(openai.InternalServerError) as e:
+        _chat(gw)
+    assert e.value.status_code == 503 and e.value.code == "stage_timeout"
+
+
+def test_generator_hooks_are_refused_at_registration() -> None:
+    class Yields:
+        name = "yields"
+
+        def on_request(self, call: Call) -> Any:
+            yield None
+
+    registrar = StageRegistrar("yields", 1.0, False)
+    with pytest.raises(PluginError, match="on_request must be `async def`, or a plain `def`"):
+        registrar(Yields())
+
+
 def test_settings_are_validated_by_the_plugin(policy_kit: PolicyKit) -> None:
     class Settings(BaseModel):
         words: list[str] = []
@@ -346,6 +429,21 @@ def test_unknown_provider_is_refused_at_load() -> None:
         Runtime.build(p, Metrics())
 
 
+_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+    },
+}
+_SHAPES: dict[str, dict[str, Any]] = {
+    "text": {},
+    "two-choices": {"n": 2},
+    "tool-call": {"tools": [_TOOL], "tool_choice": "required"},
+}
+
+
+@pytest.mark.parametrize("shape", list(_SHAPES))
 @pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "wrapped"])
 @pytest.mark.parametrize("kind", ["stream_text", "stream_chunks"])
 def test_a_stage_can_ask_for_the_streamed_text_without_wrapping_the_stream(
@@ -353,6 +451,7 @@ def test_a_stage_can_ask_for_the_streamed_text_without_wrapping_the_stream(
     start_gateway,  # noqa: ANN001
     kind: str,
     wrapped: bool,
+    shape: str,
 ) -> None:
     seen: dict[str, Any] = {}
 
@@ -387,9 +486,23 @@ def test_a_stage_can_ask_for_the_streamed_text_without_wrapping_the_stream(
     gw = start_gateway(path, {name: plugins[name] for name in pipeline})
     assert bool(gw.gateway.runtime.pipeline.stream) is wrapped
     with openai.OpenAI(base_url=gw.url + "/v1", api_key=TEST_KEY, max_retries=0) as c:
-        chunks = list(c.chat.completions.create(model="mock-model", messages=MSG, stream=True))
-    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        chunks = list(
+            c.chat.completions.create(
+                model="mock-model", messages=MSG, stream=True, **_SHAPES[shape]
+            )
+        )
+    # every choice's text and tool-call arguments, in the order they came
+    streamed = "".join(
+        (choice.delta.content or "")
+        + "".join(t.function.arguments or "" for t in choice.delta.tool_calls or () if t.function)
+        for ch in chunks
+        for choice in ch.choices
+    )
     assert streamed and seen["text"] == streamed
+    if shape == "tool-call":
+        assert any(choice.delta.tool_calls for ch in chunks for choice in ch.choices)
+    if shape == "two-choices":
+        assert {choice.index for ch in chunks for choice in ch.choices} == {0, 1}
     if kind == "stream_chunks":  # the upstream's chunks, and the usage chunk the core asked for
         kept = seen["kept"]
         assert len(kept) == len(chunks) + 1 and kept[-1]["usage"]["completion_tokens"] > 0

@@ -63,7 +63,7 @@ class _Watchdog:
         self._watched: set[_Deadline] = set()
         self._armed: asyncio.TimerHandle | None = None
 
-    async def run(self, timeout: float, aw: Awaitable[None]) -> None:
+    async def run(self, timeout: float, aw: Awaitable[None] | None) -> None:
         """Await ``aw`` within ``timeout`` seconds (counted from its first
         suspension, see the class doc).
 
@@ -73,15 +73,18 @@ class _Watchdog:
         if waiting is not None:
             await waiting
 
-    def step(self, timeout: float, aw: Awaitable[None]) -> Awaitable[None] | None:
+    def step(self, timeout: float, aw: Awaitable[None] | None) -> Awaitable[None] | None:
         """Drive coroutine ``aw`` up to its first wait: ``None`` when it
         finished without waiting, else what to await to finish it within
         ``timeout`` seconds (as :meth:`run`). A plain function, so that a
         stage call that never waits costs no coroutine of the watchdog's
         (the pipeline's loops call this; :meth:`run` is the same in one await).
+        ``aw`` is ``None`` when a stage's plain-``def`` hook finished at once.
 
         :raises Exception: what ``aw`` raised before its first wait.
         """
+        if aw is None:
+            return None
         if type(aw) is types.CoroutineType:
             try:
                 first = aw.send(None)

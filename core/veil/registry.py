@@ -68,8 +68,16 @@ class StageRegistrar:
             )
         for m in ("on_request", "on_response", "on_error", "on_finish"):
             fn = getattr(stage, m, None)
-            if fn is not None and not inspect.iscoroutinefunction(fn):
-                raise PluginError(self.plugin, f"stage method {m} must be `async def`")
+            if fn is not None and (
+                not callable(fn)
+                or inspect.isgeneratorfunction(fn)
+                or inspect.isasyncgenfunction(fn)
+            ):
+                raise PluginError(
+                    self.plugin,
+                    f"stage method {m} must be `async def`, or a plain `def` that returns "
+                    "None or an awaitable",
+                )
         ws = getattr(stage, "wrap_stream", None)
         if ws is not None and inspect.iscoroutinefunction(ws):
             raise PluginError(

@@ -281,6 +281,13 @@ class Stage(Protocol):
       as an audit record. On success it may still refuse the call by
       raising a ``GatewayError``; ``on_error`` and ``on_finish`` then run
       again for the failure.
+
+    ``on_request``, ``on_response``, ``on_error`` and ``on_finish`` may also
+    be plain functions (``def``) that return ``None`` when they are done, or
+    an awaitable (a coroutine) that finishes the work and is awaited under
+    the stage's timeout. A stage that usually does not wait (an in-memory
+    cache) saves a coroutine per call this way. Like ``async def`` hooks, a
+    plain one runs on the event loop and must never block it.
     """
 
     name: str

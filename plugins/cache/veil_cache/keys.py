@@ -50,17 +50,18 @@ def _head(call: Call) -> bytes:
     """The namespace of a call's keys (team, policy version, route), worked out
     once per team and route."""
     route = call.route
-    deployments = tuple(route.deployments) if route is not None else ()
-    memo = (call.principal.team, call.policy.version, deployments)
+    team = call.principal.team
+    version = call.policy.version
+    memo = (team, version, *route.deployments) if route is not None else (team, version)
     head = _heads.get(memo)
     if head is None:
         if len(_heads) > 10_000:
             _heads.clear()
-        names = ",".join(d.name for d in deployments)
+        names = ",".join(d.name for d in route.deployments) if route is not None else ""
         head = _heads[memo] = b"%s%s\x00%d\x00%s\x00" % (
             _VERSION,
-            memo[0].encode(),
-            memo[1],
+            team.encode(),
+            version,
             names.encode(),
         )
     return head
@@ -75,7 +76,10 @@ def exact_key(call: Call) -> str:
     request = call.request
     if IGNORED.isdisjoint(request):  # most non-streaming requests: no copy
         return _digest(call, request)
-    return _digest(call, {k: v for k, v in request.items() if k not in IGNORED})
+    body = request.copy()
+    for k in IGNORED.intersection(request):
+        del body[k]
+    return _digest(call, body)
 
 
 def _last_user_index(messages: Any) -> int | None:

@@ -41,6 +41,7 @@ import itertools
 import os
 import secrets
 import time
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,8 @@ log = structlog.get_logger("veil.cache")
 HEADER = "x-veil-cache"
 """Request header (``bypass``) and response header (``hit``, ``miss``, ``bypass``)."""
 _STORABLE_FINISH = frozenset({"stop", "length", "tool_calls", "function_call"})
+_NOT_PLAIN = frozenset({"tools", "functions", "n", "logprobs", "response_format"})
+"""Request fields that may make a stream more than one choice of plain text."""
 
 
 def open_store(settings: CacheSettings) -> Store:
@@ -98,15 +101,20 @@ def open_store(settings: CacheSettings) -> Store:
 
 @dataclass(slots=True)
 class _Miss:
-    """A call whose answer is to be stored."""
+    """A miss whose question was embedded by the semantic look-up: the answer
+    is stored under ``key`` and found by ``vector`` in ``partition``. (A miss
+    without a vector is noted by its key alone.)"""
 
     key: str
     partition: str | None = None
     vector: Vector | None = None
-    stream_storable: bool = False
 
 
-_HIT = "hit"
+class _Hit:
+    """The mark of a call answered from the cache (``call.scratch``)."""
+
+
+_HIT = _Hit()
 _NAME = "cache"
 _MISSED = Decision(_NAME, "miss")
 _STORED = Decision(_NAME, "stored")
@@ -163,39 +171,47 @@ class CacheStage:
         self._count("bypassed")
         call.decide(self.name, "bypass", reason=reason)
 
-    async def on_request(self, call: Call) -> None:
+    def on_request(self, call: Call) -> Awaitable[None] | None:
         """Answer the call from the cache, or note what to store (module doc).
+
+        A plain function: with the memory store and no semantic look-up (the
+        usual case) the whole look-up is done here and ``None`` returned;
+        otherwise it returns the coroutine that finishes it (the store waits).
 
         :raises BadRequest: 400 ``invalid_cache_header``: ``x-veil-cache`` holds
             anything but ``bypass``.
         """
         if call.kind != "chat":
             self._bypass(call, "kind")
-            return
-        headers = call.headers
+            return None
         lookup = True
-        wanted = headers.get(HEADER)
-        if wanted is not None:
-            if wanted.strip().lower() != "bypass":
-                raise BadRequest(
-                    f"the {HEADER} request header accepts only 'bypass'",
-                    code="invalid_cache_header",
-                )
-            self._bypass(call, "client")
-            return
-        control = headers.get("cache-control")
-        if control is not None:
-            directives = {d.strip().lower() for d in control.split(",")}
-            if "no-store" in directives:
+        headers = call.headers
+        if HEADER in headers or "cache-control" in headers:
+            control = _client_control(headers)
+            if control is None:
                 self._bypass(call, "client")
-                return
-            lookup = "no-cache" not in directives
-        request = call.request
+                return None
+            lookup = control
         if not self.any_temperature:
-            t = request.get("temperature")
+            t = call.request.get("temperature")
             if t != 0 or type(t) is bool:
                 self._bypass(call, "temperature")
-                return
+                return None
+        memory = self._memory
+        if memory is None or (lookup and self.semantic):
+            return self._look_up(call, lookup)
+        key = exact_key(call)
+        if lookup:
+            value = memory.get_now(call.principal.team, key)
+            if value is not None:
+                self._hit(call, value, "exact", 1.0)
+                return None
+        self._missed(call, key)
+        return None
+
+    async def _look_up(self, call: Call, lookup: bool) -> None:
+        """:meth:`on_request`'s look-up in a store that waits (Redis), or by
+        meaning (the semantic cache)."""
         store = self.store
         if store is None:
             self._bypass(call, "not_started")
@@ -205,10 +221,7 @@ class CacheStage:
         miss = _Miss(key)
         if lookup:
             try:
-                memory = self._memory
-                value = (
-                    memory.get_now(team, key) if memory is not None else await store.get(team, key)
-                )
+                value = await store.get(team, key)
                 match = "exact"
                 similarity = 1.0
                 if value is None and self.semantic:
@@ -222,14 +235,23 @@ class CacheStage:
             if value is not None:
                 self._hit(call, value, match, similarity)
                 return
-        if call.stream and _plain_stream(request):
+        self._missed(call, key if miss.vector is None else miss)
+
+    def _missed(self, call: Call, miss: str | _Miss) -> None:
+        """Note a miss: what ``on_response`` stores under which key (not for a
+        stream whose answer cannot be rebuilt from its text), and the header,
+        counter and decision."""
+        if not call.stream:
+            call.scratch[_NAME] = miss
+        elif _plain_stream(call.request):
             # the core collects the streamed text for us (cheaper than a stream wrapper)
-            miss.stream_storable = True
+            call.scratch[_NAME] = miss
             if call.stream_text is None:
                 call.stream_text = []
-        call.scratch[self.name] = miss
         call.response_headers[HEADER] = "miss"
-        self._count("misses")
+        self.counters["misses"] += 1
+        if self._memory is None:
+            self._count_shared("misses")
         call.decisions.append(_MISSED)
 
     async def _nearest(self, call: Call, store: Store, miss: _Miss) -> tuple[str, float] | None:
@@ -266,40 +288,55 @@ class CacheStage:
 
     # -- response -------------------------------------------------------------------
 
-    async def on_response(self, call: Call) -> None:
-        """A hit: zero upstream usage. A miss: store the (still redacted) answer."""
-        mine = call.scratch.get(self.name)
+    def on_response(self, call: Call) -> Awaitable[None] | None:
+        """A hit: zero upstream usage. A miss: store the (still redacted) answer.
+
+        A plain function like :meth:`on_request`: the memory store is written
+        here; a store that waits, or a question still to embed, is finished by
+        the coroutine it returns."""
+        mine = call.scratch.get(_NAME)
         if mine is None:
-            return
+            return None
         if mine is _HIT:
             call.usage = Usage()
-            return
-        answer = _streamed_answer(call, mine) if call.stream else call.response
-        if not _storable(answer):
-            return
+            return None
+        if call.stream:
+            answer = _streamed_answer(call)
+            if answer is None:
+                return None
+        else:
+            answer = call.response
+            if not _storable(answer):
+                return None
         # serialized now: pii restores the answer in place after this stage
         value = orjson.dumps(answer)
+        memory = self._memory
+        if memory is None or self.semantic or type(mine) is not str:
+            return self._store(call, mine, value)
+        if memory.put_now(call.principal.team, mine, value):
+            self.counters["stored"] += 1  # the memory store keeps no shared counters
+            call.decisions.append(_STORED)
+        return None
+
+    async def _store(self, call: Call, mine: str | _Miss, value: bytes) -> None:
+        """:meth:`on_response`'s store into a store that waits (Redis), with
+        the question's vector for the semantic cache."""
         store = self.store
         if store is None:
             return
         team = call.principal.team
+        miss = _Miss(mine) if isinstance(mine, str) else mine
         try:
-            memory = self._memory
-            stored = (
-                memory.put_now(team, mine.key, value)
-                if memory is not None
-                else await store.put(team, mine.key, value)
-            )
-            if not stored:
+            if not await store.put(team, miss.key, value):
                 return
             if self.semantic and self.embedder is not None:
-                if mine.vector is None:  # no-cache: the question was not embedded
+                if miss.vector is None:  # no-cache: the question was not embedded
                     text = last_user_text(call.request)
                     if text and len(text) <= self.max_chars:
-                        mine.partition = partition_key(call)
-                        mine.vector = await self.embedder.embed_async(text)
-                if mine.vector is not None and mine.partition is not None:
-                    await store.add_vector(team, mine.partition, mine.key, mine.vector)
+                        miss.partition = partition_key(call)
+                        miss.vector = await self.embedder.embed_async(text)
+                if miss.vector is not None and miss.partition is not None:
+                    await store.add_vector(team, miss.partition, miss.key, miss.vector)
         except Exception as e:  # noqa: BLE001 - the answer is served; only caching failed
             self._store_failed(call, "put", e)
             return
@@ -319,20 +356,49 @@ class CacheStage:
 
     def _count(self, what: str) -> None:
         self.counters[what] += 1
+        self._count_shared(what)
+
+    def _count_shared(self, what: str) -> None:
+        """Add to the store's shared counter, when it keeps them (Redis)."""
         store = self.store
         if store is not None and store.shared:
             store.count(what)
 
 
+def _client_control(headers: Mapping[str, str]) -> bool | None:
+    """What the client's cache headers ask for: ``None`` to skip the cache
+    (``x-veil-cache: bypass``, ``Cache-Control: no-store``), ``False`` to
+    skip the look-up but store the answer (``no-cache``), else ``True``.
+
+    :raises BadRequest: 400 ``invalid_cache_header``: ``x-veil-cache`` holds
+        anything but ``bypass``.
+    """
+    wanted = headers.get(HEADER)
+    if wanted is not None:
+        if wanted.strip().lower() != "bypass":
+            raise BadRequest(
+                f"the {HEADER} request header accepts only 'bypass'",
+                code="invalid_cache_header",
+            )
+        return None
+    control = headers.get("cache-control")
+    if control is None:
+        return True
+    directives = {d.strip().lower() for d in control.split(",")}
+    if "no-store" in directives:
+        return None
+    return "no-cache" not in directives
+
+
 def _storable(answer: dict[str, Any] | None) -> bool:
     """A complete answer: every choice finished (no error, no cut-off stream)."""
-    if not isinstance(answer, dict):
+    if type(answer) is not dict:
         return False
     choices = answer.get("choices")
-    if not isinstance(choices, list) or not choices:
+    if type(choices) is not list or not choices:
         return False
     for c in choices:
-        if not isinstance(c, dict) or c.get("finish_reason") not in _STORABLE_FINISH:
+        if type(c) is not dict or c.get("finish_reason") not in _STORABLE_FINISH:
             return False
     return True
 
@@ -342,6 +408,8 @@ def _plain_stream(request: dict[str, Any]) -> bool:
     :func:`_streamed_answer` can rebuild from the text the core collects.
     (Tool calls, several choices, log probabilities and structured outputs
     are stored from non-streaming calls only.)"""
+    if _NOT_PLAIN.isdisjoint(request):  # the usual request: none of the fields
+        return True
     n = request.get("n")
     fmt = request.get("response_format")
     return (
@@ -353,23 +421,26 @@ def _plain_stream(request: dict[str, Any]) -> bool:
     )
 
 
-def _streamed_answer(call: Call, miss: _Miss) -> dict[str, Any] | None:
+def _streamed_answer(call: Call) -> dict[str, Any] | None:
     """The ``chat.completion`` a completed plain stream amounts to: its text
     (collected by the core in ``call.stream_text``) and usage (the upstream's
     last chunk: a stream that ended without it is not stored). The finish
     reason is ``length`` when the answer used its whole output cap, else
     ``stop``."""
     usage = call.usage
-    if not miss.stream_storable or call.stream_text is None or usage is None:
+    if call.stream_text is None or usage is None:
         return None
     text = "".join(call.stream_text)
     if not text:
         return None
     request = call.request
-    caps = [v for v in (request.get("max_completion_tokens"), request.get("max_tokens"))]
-    cap = min((v for v in caps if type(v) is int and v > 0), default=0)
-    if call.route is not None and call.route.max_output_tokens:
-        cap = min(cap or call.route.max_output_tokens, call.route.max_output_tokens)
+    cap = 0
+    for v in (request.get("max_completion_tokens"), request.get("max_tokens")):
+        if type(v) is int and v > 0 and (not cap or v < cap):
+            cap = v
+    route = call.route
+    if route is not None and route.max_output_tokens and not 0 < cap <= route.max_output_tokens:
+        cap = route.max_output_tokens
     finish = "length" if cap and usage.completion_tokens >= cap else "stop"
     dep = call.deployment
     return {

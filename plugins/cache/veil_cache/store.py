@@ -118,18 +118,23 @@ class MemoryStore:
 
     def put_now(self, team: str, key: str, value: bytes) -> bool:
         """:meth:`put` without a coroutine (see :meth:`get_now`)."""
-        size = len(value) + ENTRY_OVERHEAD
-        if len(value) > self.max_entry_bytes or size > self.max_bytes:
+        n = len(value)
+        cap = self.max_bytes
+        if n > self.max_entry_bytes or n + ENTRY_OVERHEAD > cap:
             return False
         k = (team, key)
         entries = self._entries
-        if k in entries:
-            self._drop(k)
-        evict = entries.popitem
-        while entries and (len(entries) >= self.max_entries or self.bytes + size > self.max_bytes):
-            self.bytes -= len(evict(last=False)[1][1]) + ENTRY_OVERHEAD
+        old = entries.pop(k, None)
+        if old is not None:
+            self.bytes -= len(old[1]) + ENTRY_OVERHEAD
+        total = self.bytes + n + ENTRY_OVERHEAD  # with the new entry
+        if len(entries) >= self.max_entries or total > cap:  # full: evict the oldest
+            evict = entries.popitem
+            limit = self.max_entries
+            while entries and (len(entries) >= limit or total > cap):
+                total -= len(evict(last=False)[1][1]) + ENTRY_OVERHEAD
         entries[k] = (time.monotonic() + self.ttl_s, value)
-        self.bytes += size
+        self.bytes = total
         return True
 
     async def put(self, team: str, key: str, value: bytes) -> bool:
