@@ -311,8 +311,8 @@ class Runtime:
             await self.fail(call, e)
             raise
         if not self.pipeline.stream:
-            return _observe_for_client(call, chunks, include_usage)
-        chunks = self.pipeline.wrap_stream(call, _observe(call, chunks))
+            return _observe(call, chunks, True, include_usage)
+        chunks = self.pipeline.wrap_stream(call, _observe(call, chunks, False))
         return _for_client(chunks, include_usage)
 
     async def finish_stream(self, call: Call) -> None:
@@ -458,16 +458,18 @@ async def _replay(chunks: Any) -> AsyncIterator[Chunk]:
         yield c
 
 
-async def _observe(call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-    """Note usage as it passes; close the upstream when done or abandoned.
-    The time the stream flowed counts as upstream time."""
+async def _observe(
+    call: Call, chunks: AsyncIterator[Chunk], client: bool, include_usage: bool = True
+) -> AsyncIterator[Chunk]:
+    """Note usage and keep the text (``call.stream_text``) or the chunks
+    (``call.stream_chunks``) a stage asked for, as the chunks pass; close the
+    upstream when done or abandoned. The time the stream flowed counts as
+    upstream time. With ``client`` (pipelines without stream wrappers) it is
+    :func:`_for_client` too: one generator less per chunk."""
     t0 = time.perf_counter()
     text, kept = call.stream_text, call.stream_chunks
     try:
         async for chunk in chunks:
-            usage = chunk.get("usage")
-            if usage:
-                call.usage = Usage.from_openai(usage)
             if text is not None:
                 # keep_text's usual case (one choice, no tool calls) inline: calling it
                 # for every chunk cost more than its work (37,000 instructions a stream)
@@ -486,46 +488,12 @@ async def _observe(call: Call, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Ch
                     keep_text(text, chunk)
             elif kept is not None:
                 kept.append(chunk)
-            yield chunk
-    finally:
-        call.upstream_seconds += time.perf_counter() - t0
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-async def _observe_for_client(
-    call: Call, chunks: AsyncIterator[Chunk], include_usage: bool
-) -> AsyncIterator[Chunk]:
-    """:func:`_observe` and :func:`_for_client` in one generator, for
-    pipelines without stream wrappers (one generator less per chunk)."""
-    t0 = time.perf_counter()
-    text, kept = call.stream_text, call.stream_chunks
-    try:
-        async for chunk in chunks:
-            if text is not None:
-                # keep_text's usual case inline, as in _observe
-                choices = chunk.get("choices")
-                if (
-                    type(choices) is list
-                    and len(choices) == 1
-                    and type(choice := choices[0]) is dict
-                    and type(delta := choice.get("delta")) is dict
-                    and "tool_calls" not in delta
-                ):
-                    content = delta.get("content")
-                    if content and type(content) is str:
-                        text.append(content)
-                else:
-                    keep_text(text, chunk)
-            elif kept is not None:
-                kept.append(chunk)
             usage = chunk.get("usage")
             if usage:
                 call.usage = Usage.from_openai(usage)
-                if not include_usage and not chunk.get("choices"):
+                if client and not include_usage and not chunk.get("choices"):
                     continue
-            yield normalize_chunk(chunk, include_usage)
+            yield normalize_chunk(chunk, include_usage) if client else chunk
     finally:
         call.upstream_seconds += time.perf_counter() - t0
         aclose = getattr(chunks, "aclose", None)
