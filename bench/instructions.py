@@ -157,8 +157,6 @@ def count(
 
 def measure(args: argparse.Namespace, note: Callable[[str], None]) -> dict[str, Any]:
     """Run the scenario's gateways under callgrind; the result document."""
-    import veil.testing as vt
-
     sc = scenario(args.scenario)
     workdir = Path(tempfile.mkdtemp(prefix="veil-instr-"))
     dumps = workdir / "callgrind"
@@ -169,24 +167,15 @@ def measure(args: argparse.Namespace, note: Callable[[str], None]) -> dict[str, 
         gateways = sc.start_services(setup, list(sc.gateways), result)
         targets = [stage_cpu.CORE, *gateways]
         setup.mock = stage_cpu.start_mock(sc, setup)
-        kit = vt.PolicyKit(workdir)
-        for name in targets:
-            text = stage_cpu.policy(
-                setup.mock.base_url, None if name == stage_cpu.CORE else sc.stage
-            )
-            if name != stage_cpu.CORE:
-                text += sc.policy_tail(name)
-            note(f"starting gateway {name} under callgrind")
-            setup.gateways[name] = vt.GatewayProcess(
-                kit.write(text, f"{name}.toml"),
-                kit.public_key_path,
-                audience=stage_cpu.AUDIENCE,
-                state_dir=setup.state_dir(name),
-                env={"PYTHONHASHSEED": "0", **(sc.gateway_env(setup, name) or {})},
-                command_prefix=callgrind_prefix(dumps, name),
-            )
-        for gw in setup.gateways.values():
-            gw.wait_ready(600)
+        note("starting the gateways under callgrind")
+        stage_cpu.start_gateways(
+            sc,
+            setup,
+            targets,
+            command_prefix=lambda name: callgrind_prefix(dumps, name),
+            extra_env={"PYTHONHASHSEED": "0"},
+            ready_timeout=600,
+        )
         body_path = workdir / f"body-{args.mode}.json"
         body_path.write_bytes(chat_body_bytes(stream=args.mode == "stream"))
         per_request: dict[str, float] = {}
@@ -214,9 +203,6 @@ def measure(args: argparse.Namespace, note: Callable[[str], None]) -> dict[str, 
             },
         }
     finally:
-        for gw in setup.gateways.values():
-            gw.stop()
-        setup.gateways.clear()
         setup.close()
         shutil.rmtree(workdir, ignore_errors=True)
 

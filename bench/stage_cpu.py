@@ -37,6 +37,7 @@ import signal
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,8 +273,21 @@ def start_mock(sc: StageScenario, setup: Setup) -> Server:
     return server
 
 
-def start_gateways(sc: StageScenario, setup: Setup, targets: list[str]) -> None:
-    """Write and sign each target's policy, start the gateways, wait until they are ready."""
+def start_gateways(
+    sc: StageScenario,
+    setup: Setup,
+    targets: list[str],
+    *,
+    command_prefix: Callable[[str], Sequence[str]] | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    ready_timeout: float = 120,
+) -> None:
+    """Write and sign each target's policy, start the gateways, wait until they are ready.
+
+    ``command_prefix(name)`` runs gateway ``name`` under another program
+    (``bench.instructions``: valgrind), with ``extra_env`` added to its
+    environment and ``ready_timeout`` seconds to start.
+    """
     from veil.testing import GatewayProcess, PolicyKit
 
     assert setup.mock is not None
@@ -289,11 +303,12 @@ def start_gateways(sc: StageScenario, setup: Setup, targets: list[str]) -> None:
             kit.public_key_path,
             audience=AUDIENCE,
             state_dir=setup.state_dir(name),
-            env=sc.gateway_env(setup, name),
+            env={**(extra_env or {}), **(sc.gateway_env(setup, name) or {})},
+            command_prefix=command_prefix(name) if command_prefix else (),
         )
     for name, gw in setup.gateways.items():
         try:
-            gw.wait_ready(120)
+            gw.wait_ready(ready_timeout)
         except RuntimeError as err:
             raise BenchError(f"gateway {name} did not start: {err}") from None
         server = Server(name, gw.proc, gw.port, setup.workdir / f"{name}.log")
