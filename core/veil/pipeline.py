@@ -63,14 +63,23 @@ class _Watchdog:
         self._watched: set[_Deadline] = set()
         self._armed: asyncio.TimerHandle | None = None
 
+    async def run(self, timeout: float, aw: Awaitable[None] | None) -> None:
+        """Await ``aw`` within ``timeout`` seconds (counted from its first
+        suspension, see the class doc).
+
+        :raises TimeoutError: it ran out of time (it was cancelled then).
+        """
+        waiting = self.step(timeout, aw)
+        if waiting is not None:
+            await waiting
+
     def step(self, timeout: float, aw: Awaitable[None] | None) -> Awaitable[None] | None:
         """Drive coroutine ``aw`` up to its first wait: ``None`` when it
         finished without waiting, else what to await to finish it within
-        ``timeout`` seconds (counted from its first suspension, see the class
-        doc; once it runs out of time it is cancelled and the await raises
-        ``TimeoutError``). A plain function, so that a stage call that never
-        waits costs no coroutine of the watchdog's. ``aw`` is ``None`` when a
-        stage's plain-``def`` hook finished at once.
+        ``timeout`` seconds (as :meth:`run`). A plain function, so that a
+        stage call that never waits costs no coroutine of the watchdog's
+        (the pipeline's loops call this; :meth:`run` is the same in one await).
+        ``aw`` is ``None`` when a stage's plain-``def`` hook finished at once.
 
         :raises Exception: what ``aw`` raised before its first wait.
         """
